@@ -1,0 +1,5 @@
+import sys
+
+from nuclass_qupath.cli import main
+
+sys.exit(main())
