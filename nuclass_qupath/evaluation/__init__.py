@@ -1,0 +1,1 @@
+"""Metrics and reports on held-out cells."""

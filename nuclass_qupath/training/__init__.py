@@ -1,0 +1,1 @@
+"""Training from labelled cells: crops, augmentation, the training loop."""

@@ -1,0 +1,243 @@
+"""Training loop: class-balanced sampling, H&E augmentation, staged or joint schedules.
+
+The staged schedule follows the method: the local path first (cross-entropy
+on its own head), then the global path with the uncertainty-weighted loss while
+the local path is frozen, then the gate alone on the mixture. The joint
+schedule trains everything at once on the full loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from nuclass_qupath.evaluation.metrics import ClassificationReport, classification_report
+from nuclass_qupath.model.config import ModelConfig
+from nuclass_qupath.model.io import save_model
+from nuclass_qupath.model.nuclass import NuClass, nuclass_loss
+from nuclass_qupath.training.augment import augment_pair
+from nuclass_qupath.training.dataset import CropSet
+
+logger = logging.getLogger(__name__)
+
+# Loss terms (mixture, local, global) and trainable parts per stage.
+STAGES = {
+    "local": ((0.0, 1.0, 0.0), ("local_encoder", "local_proj", "local_head")),
+    "global": ((0.0, 0.0, 1.0), ("global_encoder", "global_proj", "global_head")),
+    "gate": ((1.0, 0.0, 0.0), ("gate",)),
+    "joint": ((1.0, 1.0, 1.0), None),
+}
+
+
+@dataclass
+class TrainOptions:
+    """Settings of one training run."""
+
+    schedule: Literal["joint", "staged"] = "joint"
+    epochs: int = 10  # joint: all epochs; staged: split between local, global and gate
+    batch_size: int = 32
+    lr: float = 1e-3
+    encoder_lr_scale: float = 0.3  # encoders learn slower than the new heads
+    weight_decay: float = 1e-4
+    init: Literal["imagenet", "random"] = "imagenet"
+    frozen_blocks: int = 2  # early encoder blocks kept at their ImageNet weights; saves time on a CPU
+    use_label_confidence: bool = False
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class TrainResult:
+    model: NuClass
+    history: list[dict] = field(default_factory=list)
+    validation: dict[str, ClassificationReport] = field(default_factory=dict)
+    best_epoch: int = -1
+    model_path: Path | None = None
+
+
+def _freeze_early_blocks(model: NuClass, n_blocks: int) -> None:
+    for encoder in (model.local_encoder, model.global_encoder):
+        body = encoder.body
+        for name, module in body.named_children():
+            if name in ("conv_stem", "bn1"):
+                module.requires_grad_(False)
+        blocks = getattr(body, "blocks", None)
+        if blocks is not None:
+            for block in list(blocks)[:n_blocks]:
+                block.requires_grad_(False)
+
+
+def _stage_plan(options: TrainOptions) -> list[str]:
+    if options.schedule == "joint":
+        return ["joint"] * options.epochs
+    n_local = max(1, round(options.epochs * 0.4))
+    n_global = max(1, round(options.epochs * 0.4))
+    n_gate = max(1, options.epochs - n_local - n_global)
+    return ["local"] * n_local + ["global"] * n_global + ["gate"] * n_gate
+
+
+def _make_optimizer(model: NuClass, stage: str, options: TrainOptions) -> torch.optim.Optimizer:
+    _, trainable = STAGES[stage]
+    for name, child in model.named_children():
+        child.requires_grad_(trainable is None or name in trainable)
+    _freeze_early_blocks(model, options.frozen_blocks)
+    encoder_params, head_params = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (encoder_params if "encoder" in name else head_params).append(param)
+    groups = [{"params": head_params, "lr": options.lr}]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": options.lr * options.encoder_lr_scale})
+    return torch.optim.AdamW(groups, weight_decay=options.weight_decay)
+
+
+def balanced_epoch_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draw one epoch of indices with every class equally likely, as many as there are cells."""
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    return rng.choice(len(labels), size=len(labels), replace=True, p=weights / weights.sum())
+
+
+def predict_crop_set(model: NuClass, crops: CropSet, batch_size: int = 64, calibrated: bool = True) -> dict[str, np.ndarray]:
+    """Run the model on every crop; return probabilities of the mixture and both paths, gates and logits."""
+    model.eval()
+    previous = model.calibrated
+    model.calibrated = calibrated
+    keys = ("probs", "probs_local", "probs_global", "gate", "logits_local", "logits_global")
+    out: dict[str, list] = {k: [] for k in keys}
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(crops), batch_size):
+                sl = slice(start, start + batch_size)
+                local = torch.from_numpy(crops.local[sl]).permute(0, 3, 1, 2)
+                context = torch.from_numpy(crops.context[sl]).permute(0, 3, 1, 2)
+                result = model(local, context)
+                for k in keys:
+                    out[k].append(getattr(result, k).float().numpy())
+    finally:
+        model.calibrated = previous
+    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
+
+
+def evaluate_paths(model: NuClass, crops: CropSet) -> dict[str, ClassificationReport]:
+    """Scores of the gated mixture and of each path alone."""
+    outputs = predict_crop_set(model, crops)
+    names = crops.class_names
+    return {
+        "gated": classification_report(crops.labels, outputs["probs"], names),
+        "local": classification_report(crops.labels, outputs["probs_local"], names),
+        "global": classification_report(crops.labels, outputs["probs_global"], names),
+    }
+
+
+def train_model(
+    config: ModelConfig,
+    train_set: CropSet,
+    val_set: CropSet | None,
+    out_dir: Path,
+    options: TrainOptions | None = None,
+    *,
+    progress: Callable[[Iterable, str, int], Iterable] | None = None,
+    initial_model: NuClass | None = None,
+) -> TrainResult:
+    """Train a model on ``train_set``; save a checkpoint per epoch and the best one as ``model``.
+
+    The best epoch is the one with the highest validation macro-F1 of the gated
+    prediction (the last epoch when there is no validation set). ``progress``
+    wraps the batch iterator (``progress(iterable, description, total)``).
+    """
+    options = options or TrainOptions()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    generator = torch.Generator().manual_seed(options.seed)
+    out_dir = Path(out_dir)
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    model = initial_model or NuClass(config)
+    if initial_model is None and options.init == "imagenet":
+        from nuclass_qupath.model.backbones import load_imagenet_weights
+
+        load_imagenet_weights(model.local_encoder)
+        load_imagenet_weights(model.global_encoder)
+
+    result = TrainResult(model=model)
+    plan = _stage_plan(options)
+    best_score = -1.0
+    optimizer = None
+    current_stage = None
+    n_batches = max(1, len(train_set) // options.batch_size)
+    for epoch, stage in enumerate(plan, start=1):
+        if stage != current_stage:
+            optimizer = _make_optimizer(model, stage, options)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=plan.count(stage) * n_batches, eta_min=options.lr * 0.05
+            )
+            current_stage = stage
+        terms, _ = STAGES[stage]
+        model.train()
+        if stage in ("global", "gate"):
+            model.local_encoder.eval()  # frozen parts keep their batch-norm statistics
+        if stage == "gate":
+            model.global_encoder.eval()
+
+        order = balanced_epoch_order(train_set.labels, rng)
+        batches = [order[i : i + options.batch_size] for i in range(0, n_batches * options.batch_size, options.batch_size)]
+        iterator = progress(batches, f"epoch {epoch}/{len(plan)} ({stage})", len(batches)) if progress else batches
+        started = time.perf_counter()
+        losses = []
+        for index in iterator:
+            local = torch.from_numpy(train_set.local[index]).permute(0, 3, 1, 2)
+            context = torch.from_numpy(train_set.context[index]).permute(0, 3, 1, 2)
+            local, context = augment_pair(local, context, generator)
+            targets = torch.from_numpy(train_set.labels[index])
+            weight = torch.from_numpy(train_set.weights[index]) if options.use_label_confidence else None
+            output = model(local, context)
+            loss, parts = nuclass_loss(output, targets, gamma=config.gamma, sample_weight=weight, terms=terms)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+
+        record = {"epoch": epoch, "stage": stage, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
+        if val_set is not None and len(val_set):
+            reports = evaluate_paths(model, val_set)
+            record.update({f"val_{k}_macro_f1": r.macro_f1 for k, r in reports.items()})
+            score = reports["gated"].macro_f1
+        else:
+            reports = {}
+            score = float(epoch)
+        result.history.append(record)
+        logger.info(
+            "epoch %d (%s): loss %.3f, %s, %.0f s",
+            epoch,
+            stage,
+            record["loss"],
+            ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val_")) or "no validation set",
+            record["seconds"],
+        )
+        save_model(model, out_dir / "checkpoints" / f"epoch_{epoch:03d}")
+        # A staged run is only complete after its gate stage, so earlier stages cannot be "best".
+        eligible = options.schedule == "joint" or stage == "gate"
+        if eligible and score >= best_score:
+            best_score = score
+            result.best_epoch = epoch
+            result.validation = reports
+            result.model_path = save_model(model, out_dir / "model")[0]
+    # Return the best model, not the last.
+    if result.model_path is not None:
+        from nuclass_qupath.model.io import load_model
+
+        result.model = load_model(result.model_path)
+    return result
