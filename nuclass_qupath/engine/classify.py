@@ -36,8 +36,8 @@ from nuclass_qupath.model.nuclass import NuClass, NuClassOutput, centred_boxes
 
 logger = logging.getLogger(__name__)
 
-# Extra pixels read around each region so that the encoders' outermost
-# features of a crop window see image content rather than zero padding.
+# Least extra pixels read around the windows of a fast-mode region; the
+# model's own margins apply where they are larger.
 REGION_EXTRA_PX = 32
 
 
@@ -183,10 +183,11 @@ class SlideClassifier:
         centres = centroids_px[index]
 
         local_image, local_centres = _read_covering(
-            slide, centres, local_scale, cfg.mpp, cfg.local_crop_px / 2 + REGION_EXTRA_PX
+            slide, centres, local_scale, cfg.mpp, cfg.local_crop_px / 2 + max(cfg.local_margin_px, REGION_EXTRA_PX)
         )
         context_image, context_centres = _read_covering(
-            slide, centres, context_scale, cfg.context_mpp, cfg.context_encoder_px / 2 + REGION_EXTRA_PX
+            slide, centres, context_scale, cfg.context_mpp,
+            cfg.context_encoder_px / 2 + max(cfg.context_margin_px, REGION_EXTRA_PX),
         )
         return _Region(index, local_image, local_centres, context_image, context_centres, time.perf_counter() - started)
 
@@ -251,10 +252,12 @@ class SlideClassifier:
             t0 = time.perf_counter()
             local_crops, local_centres, context_crops, context_centres = [], [], [], []
             for c in cells.centroids_px[index]:
-                image, centre = read_centred(slide, c, local_scale, cfg.mpp, cfg.local_crop_px)
+                image, centre = read_centred(slide, c, local_scale, cfg.mpp, cfg.local_crop_px + 2 * cfg.local_margin_px)
                 local_crops.append(image)
                 local_centres.append(centre)
-                image, centre = read_centred(slide, c, context_scale, cfg.context_mpp, cfg.context_encoder_px)
+                image, centre = read_centred(
+                    slide, c, context_scale, cfg.context_mpp, cfg.context_encoder_px + 2 * cfg.context_margin_px
+                )
                 context_crops.append(image)
                 context_centres.append(centre)
             read_s = time.perf_counter() - t0
@@ -291,26 +294,27 @@ def _read_covering(slide, centres_px: np.ndarray, scale: float, target_mpp: floa
     """Read the smallest region at ``target_mpp`` that holds every centre with ``margin_px`` around it.
 
     ``scale`` is level-0 px per output px. Returns the image and the centres in
-    its pixels. The origin is a whole level-0 pixel so that the mapping is exact.
+    its pixels. Regions and crops start on whole pixels of one grid anchored at
+    the slide's origin, so a crop is an exact sub-grid of any region around it
+    and both modes see identical pixels.
     """
-    lo = centres_px.min(axis=0) / scale - margin_px
-    hi = centres_px.max(axis=0) / scale + margin_px
-    x0 = int(math.floor(lo[0] * scale))
-    y0 = int(math.floor(lo[1] * scale))
-    width = int(math.ceil(hi[0] - x0 / scale))
-    height = int(math.ceil(hi[1] - y0 / scale))
-    image = slide.read_region_at_mpp(x0, y0, width, height, target_mpp)
-    centres = (centres_px - np.array([x0, y0], dtype=np.float64)) / scale
-    return image, centres
+    centres = centres_px / scale
+    lo = np.floor(centres.min(axis=0) - margin_px).astype(np.int64)
+    hi = np.ceil(centres.max(axis=0) + margin_px).astype(np.int64)
+    width, height = (hi - lo).tolist()
+    image = slide.read_region_at_mpp(lo[0] * scale, lo[1] * scale, width, height, target_mpp)
+    return image, centres - lo
 
 
 def read_centred(slide, centre_px: np.ndarray, scale: float, target_mpp: float, size_px: int):
-    """Read a ``size_px`` square at ``target_mpp`` around one centre; return it and the centre in its pixels."""
-    x0 = int(math.floor(centre_px[0] - size_px / 2 * scale))
-    y0 = int(math.floor(centre_px[1] - size_px / 2 * scale))
-    image = slide.read_region_at_mpp(x0, y0, size_px, size_px, target_mpp)
-    centre = (np.asarray(centre_px, dtype=np.float64) - np.array([x0, y0])) / scale
-    return image, centre
+    """Read a ``size_px`` square at ``target_mpp`` around one centre; return it and the centre in its pixels.
+
+    The square starts on the same pixel grid as :func:`_read_covering`.
+    """
+    centre = np.asarray(centre_px, dtype=np.float64) / scale
+    origin = np.floor(centre - size_px / 2.0)
+    image = slide.read_region_at_mpp(origin[0] * scale, origin[1] * scale, size_px, size_px, target_mpp)
+    return image, centre - origin
 
 
 def check_centroids(cells: CellTable, slide) -> None:

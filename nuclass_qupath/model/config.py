@@ -73,6 +73,12 @@ class ModelConfig(BaseModel):
     local_crop_px: int = Field(224, ge=32)
     context_px: int = Field(1024, ge=64)
     context_encoder_px: int = Field(256, ge=32)
+    # Pixels of real image read around each crop (local, at mpp) and each
+    # context (at context_mpp), so that the features pooled over the window
+    # see image content, not zero padding, near its border. Training and the
+    # exact mode read them; the fast mode's regions hold at least as much.
+    local_margin_px: int = Field(32, ge=0)
+    context_margin_px: int = Field(16, ge=0)
 
     local_backbone: str = "tf_efficientnet_lite0"
     local_feature_index: int = Field(3, ge=0, description="timm features_only stage of the local encoder")

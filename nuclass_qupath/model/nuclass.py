@@ -157,18 +157,38 @@ class NuClass(nn.Module):
             mixture = ((mixture + EPS).log() / t.mixture).softmax(dim=1)
         return NuClassOutput(logits_local, logits_global, gate, probs_local, probs_global, mixture)
 
-    def forward(self, local_images: torch.Tensor, context_images: torch.Tensor) -> NuClassOutput:
-        """Classify one cell per image pair: uint8 crops centred on the cells, (B, 3, H, W) each.
+    def forward(
+        self,
+        local_images: torch.Tensor,
+        context_images: torch.Tensor,
+        local_centres_px: torch.Tensor | None = None,
+        context_centres_px: torch.Tensor | None = None,
+    ) -> NuClassOutput:
+        """Classify one cell per image pair: uint8 (B, 3, H, W) images centred on the cells.
 
-        ``local_images`` are ``local_crop_px`` squares at ``mpp``;
-        ``context_images`` are ``context_px`` squares resized to ``context_encoder_px``.
+        ``local_images`` are ``local_crop_px`` squares at ``mpp`` plus
+        ``local_margin_px`` on each side; ``context_images`` are
+        ``context_encoder_px`` squares at ``context_mpp`` plus
+        ``context_margin_px``. Each cell's windows are centred on
+        ``*_centres_px`` (B, 2), by default the image centres.
         """
+        cfg = self.config
         n = local_images.shape[0]
-        local_boxes = full_image_boxes(n, local_images.shape[-1], local_images.device)
-        context_boxes = full_image_boxes(n, context_images.shape[-1], context_images.device)
+        batch_index = torch.arange(n, dtype=torch.float32, device=local_images.device)
+        if local_centres_px is None:
+            local_centres_px = image_centres(n, local_images.shape[-1], local_images.device)
+        if context_centres_px is None:
+            context_centres_px = image_centres(n, context_images.shape[-1], context_images.device)
+        local_boxes = centred_boxes(batch_index, local_centres_px, cfg.local_crop_px)
+        context_boxes = centred_boxes(batch_index, context_centres_px, cfg.context_encoder_px)
         local_feats = self.local_features(self.normalize(local_images), local_boxes)
         global_feats = self.global_features(self.normalize(context_images), context_boxes)
         return self.combine(local_feats, global_feats)
+
+
+def image_centres(n: int, size_px: int, device: torch.device | None = None) -> torch.Tensor:
+    """Centres (n, 2) of ``size_px`` square images, in their pixel coordinates."""
+    return torch.full((n, 2), size_px / 2.0, device=device)
 
 
 def full_image_boxes(n: int, size_px: int, device: torch.device | None = None) -> torch.Tensor:

@@ -38,8 +38,8 @@ class LabelledImage:
 class CropSet:
     """Training examples held in memory: crops, contexts, labels, weights and groups."""
 
-    local: np.ndarray  # (N, crop, crop, 3) uint8
-    context: np.ndarray  # (N, enc, enc, 3) uint8
+    local: np.ndarray  # (N, crop + 2 margin, same, 3) uint8
+    context: np.ndarray  # (N, encoder px + 2 margin, same, 3) uint8
     labels: np.ndarray  # (N,) int64 index into class_names
     weights: np.ndarray  # (N,) float32
     groups: np.ndarray  # (N,) str
@@ -121,11 +121,13 @@ def extract_crops(slide, centroids_px: np.ndarray, config: ModelConfig) -> tuple
     local_scale = config.mpp / slide.mpp
     context_scale = config.context_mpp / slide.mpp
     n = len(centroids_px)
-    local = np.empty((n, config.local_crop_px, config.local_crop_px, 3), dtype=np.uint8)
-    context = np.empty((n, config.context_encoder_px, config.context_encoder_px, 3), dtype=np.uint8)
+    local_px = config.local_crop_px + 2 * config.local_margin_px
+    context_px = config.context_encoder_px + 2 * config.context_margin_px
+    local = np.empty((n, local_px, local_px, 3), dtype=np.uint8)
+    context = np.empty((n, context_px, context_px, 3), dtype=np.uint8)
     for i, centre in enumerate(centroids_px):
-        local[i], _ = read_centred(slide, centre, local_scale, config.mpp, config.local_crop_px)
-        context[i], _ = read_centred(slide, centre, context_scale, config.context_mpp, config.context_encoder_px)
+        local[i], _ = read_centred(slide, centre, local_scale, config.mpp, local_px)
+        context[i], _ = read_centred(slide, centre, context_scale, config.context_mpp, context_px)
     return local, context
 
 
