@@ -1,0 +1,1 @@
+"""Read and write QuPath projects, data files and objects."""
