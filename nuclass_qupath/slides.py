@@ -457,10 +457,10 @@ class Slide:
 
         # Resample the exact source box onto the output grid.
         box = (sx0 - ix0, sy0 - iy0, sx1 - ix0, sy1 - iy0)
-        reducing_gap = 2.0 if scale >= 4 else None
-        image = Image.fromarray(block).resize(
-            (w_out, h_out), Image.Resampling.BILINEAR, box=box, reducing_gap=reducing_gap
-        )
+        # No reducing_gap: its block-averaging shortcut depends on where the box
+        # starts, so a crop would differ from the same pixels cut from a larger
+        # region. Without it every output pixel depends only on its footprint.
+        image = Image.fromarray(block).resize((w_out, h_out), Image.Resampling.BILINEAR, box=box)
         return np.asarray(image)
 
     def thumbnail(self, max_px: int) -> np.ndarray:
@@ -487,6 +487,43 @@ class Slide:
         return out
 
 
+class _PillowReader:
+    """Small single-level images (PNG, JPEG) that Pillow decodes whole into memory.
+
+    Meant for labelled tiles such as training patches; such files carry no
+    trustworthy pixel size, so ``--mpp`` is required for them.
+    """
+
+    name = "pillow"
+    MAX_PIXELS = 20000 * 20000
+
+    def __init__(self, path: Path) -> None:
+        with Image.open(path) as image:
+            if image.width * image.height > self.MAX_PIXELS:
+                raise UnsupportedSlideError(
+                    f"{path} is {image.width} x {image.height} px, too large to decode whole; "
+                    "convert it to a tiled pyramidal TIFF"
+                )
+            self._pixels = np.asarray(image.convert("RGB"))
+        self.level_dimensions = ((self._pixels.shape[1], self._pixels.shape[0]),)
+        self.level_downsamples = (1.0,)
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        height, width = self._pixels.shape[:2]
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, width), min(y + h, height)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._pixels[y0:y1, x0:x1]
+        return out
+
+    def close(self) -> None:
+        self._pixels = np.zeros((0, 0, 3), np.uint8)
+
+
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 # ---------------------------------------------------------------------------
 # Opening
 
@@ -505,6 +542,12 @@ def _open_reader(path: Path) -> _Reader:
     """Open ``path`` with OpenSlide, or with tifffile when OpenSlide does not read it."""
     import openslide
     import tifffile
+
+    if path.suffix.lower() in PILLOW_SUFFIXES:
+        try:
+            return _PillowReader(path)
+        except (OSError, ValueError) as exc:
+            raise SlideError(f"failed to read image {path}: {exc}; the file may be truncated or corrupt") from exc
 
     # OpenSlide first: it handles vendor formats and QuPath uses it for them.
     openslide_error: Exception | None = None
@@ -563,6 +606,8 @@ def _metadata_mpp(reader: _Reader, path: Path) -> float | None:
 
 
 def _recorded_mpp(reader: _Reader, path: Path) -> float | None:
+    if isinstance(reader, _PillowReader):
+        return None
     if isinstance(reader, _OpenSlideReader):
         mpp = _mpp_from_openslide(reader.properties)
         if mpp is not None:

@@ -127,7 +127,7 @@ def test_missing_file_raises_not_found(tmp_path):
 
 
 def test_unsupported_file_names_formats(tmp_path):
-    path = tmp_path / "photo.png"
+    path = tmp_path / "photo.gif"
     Image.fromarray(gradient_rgb(32, 32)).save(path)
     with pytest.raises(UnsupportedSlideError) as info:
         open_slide(path)
@@ -348,3 +348,27 @@ def test_read_throughput_cmu1(cmu1_path):
     print(f"\nCMU-1 level-0 read: {mpx_per_s:.1f} Mpx/s")
     # A loose floor so a shared test machine passes; typical is 20-40 Mpx/s.
     assert mpx_per_s > 2.0
+
+
+def test_png_tile_needs_mpp_then_reads(tmp_path):
+    path = tmp_path / "tile.png"
+    pixels = gradient_rgb(30, 40)  # height 30, width 40
+    Image.fromarray(pixels).save(path)
+    with pytest.raises(MissingMppError, match="--mpp"):
+        open_slide(path)
+    with open_slide(path, mpp=0.5) as slide:
+        assert slide.backend == "pillow"
+        assert (slide.width, slide.height) == (40, 30)
+        np.testing.assert_array_equal(slide.read_region(0, 0, 40, 30), pixels)
+        outside = slide.read_region(-5, -5, 10, 10)
+        assert (outside[:5, :5] == 255).all()
+
+
+def test_crop_equals_same_pixels_of_larger_region(cmu1_path):
+    # Both engine modes rely on a crop being an exact sub-grid of a region on the same grid.
+    with open_slide(cmu1_path) as slide:
+        for target_mpp in (0.5, 2.0):
+            scale = target_mpp / slide.mpp
+            region = slide.read_region_at_mpp(400 * scale, 600 * scale, 300, 300, target_mpp)
+            crop = slide.read_region_at_mpp(470 * scale, 655 * scale, 64, 64, target_mpp)
+            np.testing.assert_array_equal(crop, region[55:119, 70:134])
