@@ -8,7 +8,7 @@ Python values:
 
 * ``java.lang.String`` becomes :class:`str`, decoded from modified UTF-8.
 * Primitive arrays become big-endian :mod:`numpy` arrays, except ``byte[]``,
-  which becomes :class:`bytes`. Object arrays become :class:`list`.
+  which becomes :class:`bytes`. Object arrays become :class:`JavaArray` lists.
 * Enum constants become :class:`JavaEnum`, ``Class`` objects :class:`JavaClass`.
 * Every other object becomes a :class:`JavaObject` with its field values per
   class and the custom data that its ``writeObject`` or ``writeExternal``
@@ -78,7 +78,7 @@ _MAX_READ_BYTES = 1 << 26
 # Nesting depth at which a stream is taken to be corrupt. QuPath's deepest
 # chain (hierarchy, nested objects, ROI, arrays) is far shallower.
 _MAX_DEPTH = 400
-# Stand-in for handle values dropped by ObjectStreamReader.release_handles.
+# Result of looking up a handle dropped by ObjectStreamReader.release_handles.
 _RELEASED = object()
 
 
@@ -192,6 +192,16 @@ class JavaObject:
         return default
 
 
+class JavaArray(list):
+    """An array of objects (``TC_ARRAY`` of a reference type), with its Java class name."""
+
+    __slots__ = ("class_name",)
+
+    def __init__(self, class_name: str, items: list[Any]) -> None:
+        super().__init__(items)
+        self.class_name = class_name
+
+
 @dataclass(frozen=True)
 class JavaEnum:
     """An enum constant (``TC_ENUM``)."""
@@ -267,7 +277,10 @@ class ObjectStreamReader:
         self._buf = b""
         self._pos = 0
         self._base = start_offset
-        self._handles: list[Any] = []
+        # Handle number to value. Released handles are deleted, so the table
+        # only keeps values that later records may refer to.
+        self._handles: dict[int, Any] = {}
+        self._next_handle = 0
         self._block_mode = False
         self._block_remaining = 0
         self._depth = 0
@@ -455,19 +468,25 @@ class ObjectStreamReader:
     @property
     def handle_count(self) -> int:
         """Number of handles assigned since the last reset."""
-        return len(self._handles)
+        return self._next_handle
 
     def set_handle(self, handle: int, value: Any) -> None:
         """Replace the value that later references to ``handle`` resolve to."""
         self._handles[handle] = value
 
-    def snapshot_handles(self) -> list[Any]:
-        """Return a copy of the handle table, for :meth:`restore_handles`."""
-        return list(self._handles)
+    def drop_handle(self, handle: int) -> None:
+        """Drop one handle's value, like :meth:`release_handles`."""
+        self._handles.pop(handle, None)
 
-    def restore_handles(self, handles: list[Any]) -> None:
+    def snapshot_handles(self) -> tuple[dict[int, Any], int]:
+        """Return a copy of the handle table, for :meth:`restore_handles`."""
+        return dict(self._handles), self._next_handle
+
+    def restore_handles(self, snapshot: tuple[dict[int, Any], int]) -> None:
         """Replace the handle table, to resume a stream read earlier."""
-        self._handles = list(handles)
+        handles, next_handle = snapshot
+        self._handles = dict(handles)
+        self._next_handle = next_handle
 
     def release_handles(self, start: int, release: Callable[[Any], bool]) -> None:
         """Drop handle values from ``start`` on for which ``release`` returns True.
@@ -476,26 +495,37 @@ class ObjectStreamReader:
         so only values that the writer never shares may be released.
         """
         handles = self._handles
-        for index in range(start, len(handles)):
-            value = handles[index]
-            if value is not _RELEASED and release(value):
-                handles[index] = _RELEASED
+        released = []
+        # Dicts keep insertion order, which is handle order: walk back to start.
+        for index in reversed(handles):
+            if index < start:
+                break
+            if release(handles[index]):
+                released.append(index)
+        for index in released:
+            del handles[index]
 
     def _new_handle(self, value: Any) -> int:
-        self._handles.append(value)
-        return len(self._handles) - 1
+        handle = self._next_handle
+        self._handles[handle] = value
+        self._next_handle = handle + 1
+        return handle
+
+    def _reset(self) -> None:
+        self._handles.clear()
+        self._next_handle = 0
 
     def _reference(self) -> Any:
         # The TC_REFERENCE byte was just consumed: report its offset.
         start = self.offset - 1
         handle = self._unpack(_I32) - BASE_WIRE_HANDLE
-        if not 0 <= handle < len(self._handles):
+        if not 0 <= handle < self._next_handle:
             raise self.error(
                 f"reference to unknown handle 0x{handle + BASE_WIRE_HANDLE:X} "
-                f"({len(self._handles)} handles defined)",
+                f"({self._next_handle} handles defined)",
                 offset=start,
             )
-        value = self._handles[handle]
+        value = self._handles.get(handle, _RELEASED)
         if value is _RELEASED:
             raise self.error(
                 f"reference to handle 0x{handle + BASE_WIRE_HANDLE:X}, whose value was released "
@@ -533,9 +563,7 @@ class ObjectStreamReader:
                 desc = self.read_class_desc()
                 if desc is None:
                     raise self.error("object record without a class description")
-                handles = self._handles
-                handles.append(None)
-                return self._read_object_data(desc, len(handles) - 1)
+                return self._read_object_data(desc, self._new_handle(None))
             finally:
                 self._block_mode = saved_mode
                 self._depth -= 1
@@ -546,7 +574,7 @@ class ObjectStreamReader:
         if tc == TC_ARRAY:
             return self._nested(self._read_new_array)
         if tc == TC_RESET:
-            self._handles.clear()
+            self._reset()
             return self.read_object()
         if tc == TC_LONGSTRING:
             return self._new_string(self._unpack(_I64))
@@ -592,7 +620,7 @@ class ObjectStreamReader:
         if length < 0:
             raise self.error(f"negative string length {length}")
         value = self._decode(self._take(length))
-        self._handles.append(value)
+        self._new_handle(value)
         return value
 
     def read_class_desc(self) -> JavaClassDesc | None:
@@ -602,11 +630,10 @@ class ObjectStreamReader:
         if pos + 5 <= len(buf) and buf[pos] == TC_REFERENCE:
             # After its first use, every class description is a reference.
             handle = _I32.unpack_from(buf, pos + 1)[0] - BASE_WIRE_HANDLE
-            if 0 <= handle < len(self._handles):
-                value = self._handles[handle]
-                if isinstance(value, JavaClassDesc):
-                    self._pos = pos + 5
-                    return value
+            value = self._handles.get(handle)
+            if isinstance(value, JavaClassDesc):
+                self._pos = pos + 5
+                return value
         start = self.offset
         tc = self._u8()
         if tc == TC_NULL:
@@ -723,7 +750,7 @@ class ObjectStreamReader:
         start = self.offset
         tc = self._u8()
         while tc == TC_RESET:
-            self._handles.clear()
+            self._reset()
             start = self.offset
             tc = self._u8()
         if tc != TC_OBJECT:
@@ -839,7 +866,7 @@ class ObjectStreamReader:
             dtype = _DTYPES[element]
             value = np.frombuffer(self._take(size * dtype.itemsize), dtype=dtype)
         else:
-            value = [self.read_object() for _ in range(size)]
+            value = JavaArray(desc.name, [self.read_object() for _ in range(size)])
         self._handles[handle] = value
         return value
 

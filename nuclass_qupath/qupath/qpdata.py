@@ -36,6 +36,7 @@ from nuclass_qupath.qupath.javaser import (
     SC_SERIALIZABLE,
     TC_NULL,
     TC_OBJECT,
+    JavaArray,
     JavaClassDesc,
     JavaEnum,
     JavaObject,
@@ -56,11 +57,11 @@ logger = logging.getLogger(__name__)
 
 METADATA_KEY_ID = "Object ID"
 # Objects whose geometries are built together; see objects.build_geometries.
-_GEOMETRY_BATCH = 1024
+_GEOMETRY_BATCH = 256
 ORDERS = ("hierarchy", "stream")
 # Values that QuPath never shares between objects, dropped from the handle table
 # once their object is complete.
-_RELEASABLE = (RoiValue, MeasurementsValue, MetadataValue, np.ndarray, bytes)
+_RELEASABLE = (RoiValue, MeasurementsValue, MetadataValue, JavaArray, np.ndarray, bytes)
 _RELEASABLE_JAVA_CLASSES = frozenset(
     {"qupath.lib.roi.ClosedShapeStatistics", "qupath.lib.roi.GeometryROI$GeometryStats"}
 )
@@ -70,12 +71,9 @@ _RELEASABLE_JAVA_CLASSES = frozenset(
 _Item = tuple[QuPathObject, "RoiValue | None", "RoiValue | None"]
 
 
-@dataclass(frozen=True)
-class PathObjectRef:
-    """Handle-table stand-in for a PathObject that has been yielded."""
-
-    id: str
-    kind: str
+# Handle-table stand-in for TMA cores already read: the TMA grid after the
+# root object refers back to them, and this reader does not use the grid.
+_READ_PATH_OBJECT = object()
 
 
 @dataclass
@@ -118,7 +116,7 @@ class ImageData:
     locale: str | None = None
     properties: dict[str, Any] | None = None
     _hierarchy_offset: int | None = field(default=None, repr=False)
-    _hierarchy_handles: list[Any] = field(default_factory=list, repr=False)
+    _hierarchy_handles: tuple[dict[int, Any], int] = field(default=({}, 0), repr=False)
 
     @property
     def calibration(self) -> PixelCalibration:
@@ -399,8 +397,17 @@ class _HierarchyWalker:
                 descendants = [child for _ in range(n_children) for child in self._read_path_object(obj.id)]
             if kind in layouts.ROI_OBJECT_KINDS:
                 item = (obj, *self._read_roi_object_fields(obj, kind))
-        reader.set_handle(handle, PathObjectRef(obj.id, kind))
-        reader.release_handles(first_handle, _is_releasable)
+        if kind == "tmaCore":
+            # The hierarchy's TMA grid refers back to its cores.
+            reader.set_handle(handle, _READ_PATH_OBJECT)
+        else:
+            reader.drop_handle(handle)
+        # The object's own id string is never shared, unlike strings such as
+        # measurement names that first appear inside an object.
+        object_id = obj.id
+        reader.release_handles(
+            first_handle, lambda value: _is_releasable(value) or (isinstance(value, str) and value == object_id)
+        )
         self.count += 1
         if kind == "root":
             if self.include_root and self.order == "stream":
