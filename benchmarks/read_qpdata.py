@@ -75,7 +75,9 @@ def time_paquo(project_dir: Path, image_name: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--synthetic", type=int, default=20000, help="cells in the synthetic file (0 to skip)")
+    parser.add_argument(
+        "--synthetic", type=int, default=20000, help="cells in the synthetic file (0 to skip)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="timed reads per file; the best is reported")
     args = parser.parse_args()
 

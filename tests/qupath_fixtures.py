@@ -153,9 +153,22 @@ class StreamWriter:
             encoded = modified_utf8(name)
             self.out += struct.pack(">H", len(encoded)) + encoded
         self.out.append(TC_ENDBLOCKDATA)
-        self.class_desc(Desc("java.lang.reflect.Proxy", SC_SERIALIZABLE, [("L", "h", "Ljava/lang/reflect/InvocationHandler;")]))
+        self.class_desc(
+            Desc(
+                "java.lang.reflect.Proxy",
+                SC_SERIALIZABLE,
+                [("L", "h", "Ljava/lang/reflect/InvocationHandler;")],
+            )
+        )
 
-    def serializable(self, desc: Desc, write_fields: Callable[[], None], *, annotation: Callable[[], None] | None = None, key: Any = None) -> None:
+    def serializable(
+        self,
+        desc: Desc,
+        write_fields: Callable[[], None],
+        *,
+        annotation: Callable[[], None] | None = None,
+        key: Any = None,
+    ) -> None:
         """Write a Serializable object; ``write_fields`` writes its field values in desc order."""
         self.flush()
         self.out.append(TC_OBJECT)
@@ -183,7 +196,9 @@ class StreamWriter:
         """Write primitive field values (outside block mode)."""
         self.out += struct.pack(">" + fmt, *values)
 
-    def array(self, signature: str, values: Sequence[Any], *, write_item: Callable[[Any], None] | None = None) -> None:
+    def array(
+        self, signature: str, values: Sequence[Any], *, write_item: Callable[[Any], None] | None = None
+    ) -> None:
         self.flush()
         self.out.append(TC_ARRAY)
         self.class_desc(Desc(signature, SC_SERIALIZABLE, []))
@@ -200,7 +215,14 @@ class StreamWriter:
     def enum(self, class_name: str, constant: str) -> None:
         self.flush()
         self.out.append(TC_ENUM)
-        self.class_desc(Desc(class_name, SC_SERIALIZABLE | SC_ENUM, [], Desc("java.lang.Enum", SC_SERIALIZABLE | SC_ENUM, [])))
+        self.class_desc(
+            Desc(
+                class_name,
+                SC_SERIALIZABLE | SC_ENUM,
+                [],
+                Desc("java.lang.Enum", SC_SERIALIZABLE | SC_ENUM, []),
+            )
+        )
         self._new_handle(None)
         self.string(constant)
 
@@ -216,14 +238,20 @@ class StreamWriter:
         self.serializable(desc, lambda: self.raw_fields(fmt, value), key=key)
 
     def uuid(self, value: uuid.UUID) -> None:
-        desc = Desc("java.util.UUID", SC_SERIALIZABLE, [("J", "leastSigBits", None), ("J", "mostSigBits", None)])
+        desc = Desc(
+            "java.util.UUID", SC_SERIALIZABLE, [("J", "leastSigBits", None), ("J", "mostSigBits", None)]
+        )
         least = value.int & 0xFFFFFFFFFFFFFFFF
         most = value.int >> 64
         signed = [v - (1 << 64) if v >= 1 << 63 else v for v in (least, most)]
         self.serializable(desc, lambda: self.raw_fields("qq", *signed))
 
     def hash_map(self, items: dict[str, Any]) -> None:
-        desc = Desc("java.util.HashMap", SC_SERIALIZABLE | SC_WRITE_METHOD, [("F", "loadFactor", None), ("I", "threshold", None)])
+        desc = Desc(
+            "java.util.HashMap",
+            SC_SERIALIZABLE | SC_WRITE_METHOD,
+            [("F", "loadFactor", None), ("I", "threshold", None)],
+        )
 
         def annotation() -> None:
             self.prim("ii", 16, len(items))
@@ -245,22 +273,35 @@ PATH_OBJECT = Desc(PKG + "PathObject", SC_EXTERNALIZABLE | SC_BLOCK_DATA)
 PATH_ROI_OBJECT = Desc(PKG + "PathROIObject", SC_EXTERNALIZABLE | SC_BLOCK_DATA, super_desc=PATH_OBJECT)
 KIND_DESCS = {
     "root": Desc(PKG + "PathRootObject", SC_EXTERNALIZABLE | SC_BLOCK_DATA, super_desc=PATH_OBJECT),
-    "annotation": Desc(PKG + "PathAnnotationObject", SC_EXTERNALIZABLE | SC_BLOCK_DATA, super_desc=PATH_ROI_OBJECT),
-    "detection": Desc(PKG + "PathDetectionObject", SC_EXTERNALIZABLE | SC_BLOCK_DATA, super_desc=PATH_ROI_OBJECT),
+    "annotation": Desc(
+        PKG + "PathAnnotationObject", SC_EXTERNALIZABLE | SC_BLOCK_DATA, super_desc=PATH_ROI_OBJECT
+    ),
+    "detection": Desc(
+        PKG + "PathDetectionObject", SC_EXTERNALIZABLE | SC_BLOCK_DATA, super_desc=PATH_ROI_OBJECT
+    ),
     "tile": Desc(PKG + "PathTileObject", SC_EXTERNALIZABLE | SC_BLOCK_DATA, super_desc=PATH_ROI_OBJECT),
     "tmaCore": Desc(PKG + "TMACoreObject", SC_EXTERNALIZABLE | SC_BLOCK_DATA, super_desc=PATH_ROI_OBJECT),
 }
-KIND_DESCS["cell"] = Desc(PKG + "PathCellObject", SC_EXTERNALIZABLE | SC_BLOCK_DATA, super_desc=KIND_DESCS["detection"])
+KIND_DESCS["cell"] = Desc(
+    PKG + "PathCellObject", SC_EXTERNALIZABLE | SC_BLOCK_DATA, super_desc=KIND_DESCS["detection"]
+)
 METADATA_MAP = Desc(PKG + "MetadataMap", SC_EXTERNALIZABLE | SC_BLOCK_DATA)
 PATH_CLASS = Desc(
     PKG + "classes.PathClass",
     SC_SERIALIZABLE,
-    [("L", "colorRGB", "Ljava/lang/Integer;"), ("L", "name", "Ljava/lang/String;"), ("L", "parentClass", "Lqupath/lib/objects/classes/PathClass;")],
+    [
+        ("L", "colorRGB", "Ljava/lang/Integer;"),
+        ("L", "name", "Ljava/lang/String;"),
+        ("L", "parentClass", "Lqupath/lib/objects/classes/PathClass;"),
+    ],
 )
 HIERARCHY = Desc(
     PKG + "hierarchy.PathObjectHierarchy",
     SC_SERIALIZABLE,
-    [("L", "rootObject", "Lqupath/lib/objects/PathRootObject;"), ("L", "tmaGrid", "Lqupath/lib/objects/hierarchy/TMAGrid;")],
+    [
+        ("L", "rootObject", "Lqupath/lib/objects/PathRootObject;"),
+        ("L", "tmaGrid", "Lqupath/lib/objects/hierarchy/TMAGrid;"),
+    ],
 )
 _NUMERIC = PKG.replace("objects.", "measurements.") + "NumericMeasurementList$"
 ABSTRACT_NUMERIC = Desc(
@@ -270,12 +311,24 @@ ABSTRACT_NUMERIC = Desc(
 )
 FLOAT_LIST = Desc(_NUMERIC + "FloatList", SC_SERIALIZABLE, [("[", "values", "[F")], ABSTRACT_NUMERIC)
 DOUBLE_LIST = Desc(_NUMERIC + "DoubleList", SC_SERIALIZABLE, [("[", "values", "[D")], ABSTRACT_NUMERIC)
-DEFAULT_LIST = Desc("qupath.lib.measurements.DefaultMeasurementList", SC_SERIALIZABLE, [("L", "list", "Ljava/util/ArrayList;")])
-DOUBLE_MEASUREMENT = Desc("qupath.lib.measurements.DoubleMeasurement", SC_SERIALIZABLE, [("D", "value", None), ("L", "name", "Ljava/lang/String;")])
+DEFAULT_LIST = Desc(
+    "qupath.lib.measurements.DefaultMeasurementList",
+    SC_SERIALIZABLE,
+    [("L", "list", "Ljava/util/ArrayList;")],
+)
+DOUBLE_MEASUREMENT = Desc(
+    "qupath.lib.measurements.DoubleMeasurement",
+    SC_SERIALIZABLE,
+    [("D", "value", None), ("L", "name", "Ljava/lang/String;")],
+)
 LOCALE = Desc(
     "java.util.Locale",
     SC_SERIALIZABLE | SC_WRITE_METHOD,
-    [("I", "hashcode", None)] + [("L", name, "Ljava/lang/String;") for name in ("country", "extensions", "language", "script", "variant")],
+    [("I", "hashcode", None)]
+    + [
+        ("L", name, "Ljava/lang/String;")
+        for name in ("country", "extensions", "language", "script", "variant")
+    ],
 )
 COLLSER = Desc("java.util.CollSer", SC_SERIALIZABLE | SC_WRITE_METHOD, [("I", "tag", None)])
 ARRAY_LIST = Desc("java.util.ArrayList", SC_SERIALIZABLE | SC_WRITE_METHOD, [("I", "size", None)])
@@ -284,15 +337,31 @@ _PLANE = [("I", "c", None), ("I", "t", None), ("I", "z", None)]
 POLYGON_PROXY = Desc(
     _ROI + "PolygonROI$SerializationProxy",
     SC_SERIALIZABLE,
-    _PLANE + [("L", "name", "Ljava/lang/String;"), ("L", "stats", "Lqupath/lib/roi/ClosedShapeStatistics;"), ("[", "x", "[F"), ("[", "y", "[F")],
+    _PLANE
+    + [
+        ("L", "name", "Ljava/lang/String;"),
+        ("L", "stats", "Lqupath/lib/roi/ClosedShapeStatistics;"),
+        ("[", "x", "[F"),
+        ("[", "y", "[F"),
+    ],
 )
 _BOUNDED = [("D", "x", None), ("D", "x2", None), ("D", "y", None), ("D", "y2", None)]
-RECTANGLE_PROXY = Desc(_ROI + "RectangleROI$SerializationProxy", SC_SERIALIZABLE, [("I", "c", None), ("I", "t", None), *_BOUNDED[:], ("I", "z", None), ("L", "name", "Ljava/lang/String;")])
+RECTANGLE_PROXY = Desc(
+    _ROI + "RectangleROI$SerializationProxy",
+    SC_SERIALIZABLE,
+    [("I", "c", None), ("I", "t", None), *_BOUNDED[:], ("I", "z", None), ("L", "name", "Ljava/lang/String;")],
+)
 ELLIPSE_PROXY = Desc(_ROI + "EllipseROI$SerializationProxy", SC_SERIALIZABLE, RECTANGLE_PROXY.fields)
 AREA_PROXY = Desc(
     _ROI + "AreaROI$SerializationProxy",
     SC_SERIALIZABLE,
-    _PLANE + [("L", "name", "Ljava/lang/String;"), ("L", "stats", "Lqupath/lib/roi/ClosedShapeStatistics;"), ("[", "x", "[[F"), ("[", "y", "[[F")],
+    _PLANE
+    + [
+        ("L", "name", "Ljava/lang/String;"),
+        ("L", "stats", "Lqupath/lib/roi/ClosedShapeStatistics;"),
+        ("[", "x", "[[F"),
+        ("[", "y", "[[F"),
+    ],
 )
 
 
@@ -304,7 +373,9 @@ class SyntheticObject:
     id: uuid.UUID = field(default_factory=uuid.uuid4)
     name: str | None = None
     path_class: tuple[tuple[str, int], ...] | None = None  # (name, packed colour) from the base class down
-    roi: tuple[str, Any] | None = None  # ("polygon", [(x, y)...]) | ("rectangle"/"ellipse", (x1, y1, x2, y2)) | ("area", [ring...]) | ("unknown", class name)
+    roi: tuple[str, Any] | None = (
+        None  # ("polygon", [(x, y)...]) | ("rectangle"/"ellipse", (x1, y1, x2, y2)) | ("area", [ring...]) | ("unknown", class name)
+    )
     nucleus: tuple[str, Any] | None = None
     measurements: dict[str, float] = field(default_factory=dict)
     measurement_list: str = "float"  # "float", "double", "float open", "double open", "default"
@@ -322,19 +393,40 @@ class QpdataWriter:
         self.version = data_file_version
         self.w = StreamWriter(block_size=block_size)
 
-    def build(self, root_children: list[SyntheticObject], *, image_type: str = "BRIGHTFIELD_H_E",
-              server: dict[str, Any] | None = None, properties: dict[str, str] | None = None,
-              eof: bool = True) -> bytes:
+    def build(
+        self,
+        root_children: list[SyntheticObject],
+        *,
+        image_type: str = "BRIGHTFIELD_H_E",
+        server: dict[str, Any] | None = None,
+        properties: dict[str, str] | None = None,
+        eof: bool = True,
+    ) -> bytes:
         w = self.w
         w.utf(f"Data file version {self.version}")
         if self.version >= 3:
-            wrapper = {"dataVersion": self.version, "qupathVersion": "0.6.0", "server": server or {}, "id": "synthetic"}
+            wrapper = {
+                "dataVersion": self.version,
+                "qupathVersion": "0.6.0",
+                "server": server or {},
+                "id": "synthetic",
+            }
             w.string(json.dumps(wrapper))
         else:
             w.string("Image path: /data/synthetic.svs")
         if self.version >= 2:
-            w.serializable(LOCALE, lambda: (w.raw_fields("i", -1), w.string(""), w.string(""), w.string("en"), w.string(""), w.string("")),
-                           annotation=lambda: None)
+            w.serializable(
+                LOCALE,
+                lambda: (
+                    w.raw_fields("i", -1),
+                    w.string(""),
+                    w.string(""),
+                    w.string("en"),
+                    w.string(""),
+                    w.string(""),
+                ),
+                annotation=lambda: None,
+            )
         w.enum("qupath.lib.images.ImageData$ImageType", image_type)
 
         def hierarchy_fields() -> None:
@@ -403,11 +495,14 @@ class QpdataWriter:
         names = list(obj.measurements)
         values = list(obj.measurements.values())
         if obj.measurement_list == "default":
+
             def default_fields() -> None:
                 def items() -> None:
                     w.prim("i", len(names))
                     for name, value in zip(names, values):
-                        w.serializable(DOUBLE_MEASUREMENT, lambda n=name, v=value: (w.raw_fields("d", v), w.string(n)))
+                        w.serializable(
+                            DOUBLE_MEASUREMENT, lambda n=name, v=value: (w.raw_fields("d", v), w.string(n))
+                        )
 
                 w.serializable(ARRAY_LIST, lambda: w.raw_fields("i", len(names)), annotation=items)
 
@@ -423,16 +518,23 @@ class QpdataWriter:
             if key in w.handles:
                 w.reference(w.handles[key])
             else:
-                w.serializable(COLLSER, lambda: w.raw_fields("i", 1),
-                               annotation=lambda: (w.prim("i", len(names)), [w.string(n) for n in names]), key=key)
+                w.serializable(
+                    COLLSER,
+                    lambda: w.raw_fields("i", 1),
+                    annotation=lambda: (w.prim("i", len(names)), [w.string(n) for n in names]),
+                    key=key,
+                )
             w.array(code, values)
 
         def open_list_fields() -> None:
             # Open lists: an ArrayList of names and spare capacity after the last value.
             w.raw_fields("?", False)
             w.null()
-            w.serializable(ARRAY_LIST, lambda: w.raw_fields("i", len(names)),
-                           annotation=lambda: (w.prim("i", len(names)), [w.string(n) for n in names]))
+            w.serializable(
+                ARRAY_LIST,
+                lambda: w.raw_fields("i", len(names)),
+                annotation=lambda: (w.prim("i", len(names)), [w.string(n) for n in names]),
+            )
             w.array(code, values + [0.0] * 3)
 
         w.serializable(desc, open_list_fields if obj.measurement_list.endswith("open") else list_fields)
@@ -463,16 +565,29 @@ class QpdataWriter:
         if kind == "polygon":
             xs = [p[0] for p in data]
             ys = [p[1] for p in data]
-            w.serializable(POLYGON_PROXY, lambda: (w.raw_fields("iii", -1, 0, 0), w.null(), w.null(), w.array("[F", xs), w.array("[F", ys)))
+            w.serializable(
+                POLYGON_PROXY,
+                lambda: (
+                    w.raw_fields("iii", -1, 0, 0),
+                    w.null(),
+                    w.null(),
+                    w.array("[F", xs),
+                    w.array("[F", ys),
+                ),
+            )
         elif kind in ("rectangle", "ellipse"):
             x1, y1, x2, y2 = data
             desc = RECTANGLE_PROXY if kind == "rectangle" else ELLIPSE_PROXY
             w.serializable(desc, lambda: (w.raw_fields("iiddddi", -1, 0, x1, x2, y1, y2, 0), w.null()))
         elif kind == "area":
+
             def ring_array(coord: int) -> None:
                 w.array("[[F", data, write_item=lambda ring: w.array("[F", [p[coord] for p in ring]))
 
-            w.serializable(AREA_PROXY, lambda: (w.raw_fields("iii", -1, 0, 0), w.null(), w.null(), ring_array(0), ring_array(1)))
+            w.serializable(
+                AREA_PROXY,
+                lambda: (w.raw_fields("iii", -1, 0, 0), w.null(), w.null(), ring_array(0), ring_array(1)),
+            )
         elif kind == "unknown":
             w.serializable(Desc(data, SC_SERIALIZABLE, [("I", "value", None)]), lambda: w.raw_fields("i", 7))
         else:
@@ -502,5 +617,7 @@ def synthetic_cells(n: int, *, seed: int = 0, measurements: int = 41) -> list[Sy
         )
         for index in range(n)
     ]
-    region = SyntheticObject("annotation", name="Region", roi=("rectangle", (0, 0, 20000, 20000)), children=cells, locked=True)
+    region = SyntheticObject(
+        "annotation", name="Region", roi=("rectangle", (0, 0, 20000, 20000)), children=cells, locked=True
+    )
     return [region]

@@ -19,14 +19,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
-from shapely.geometry import shape
+from qupath_fixtures import (
+    SC_SERIALIZABLE,
+    SC_WRITE_METHOD,
+    Desc,
+    QpdataWriter,
+    StreamWriter,
+    SyntheticObject,
+)
 
 from nuclass_qupath.errors import ProjectError, QpdataError
 from nuclass_qupath.qupath import javaser, layouts
 from nuclass_qupath.qupath.objects import QuPathObject
 from nuclass_qupath.qupath.project_files import QuPathProjectFiles, uri_to_path
 from nuclass_qupath.qupath.qpdata import read_image_data
-from qupath_fixtures import QpdataWriter, StreamWriter, SyntheticObject, Desc, SC_SERIALIZABLE, SC_WRITE_METHOD
 
 SAMPLE_IMAGES = [
     # 3803 objects: about 2 s on one CPU core, more on a loaded machine.
@@ -197,7 +203,14 @@ def test_uri_to_path_decodes_escapes() -> None:
 # -- data files against QuPath's own GeoJSON export -----------------------------------
 
 
-_NESTING = {"Point": 0, "LineString": 1, "MultiPoint": 1, "Polygon": 2, "MultiLineString": 2, "MultiPolygon": 3}
+_NESTING = {
+    "Point": 0,
+    "LineString": 1,
+    "MultiPoint": 1,
+    "Polygon": 2,
+    "MultiLineString": 2,
+    "MultiPolygon": 3,
+}
 
 
 def _coordinate_arrays(coordinates: list, nesting: int) -> list[np.ndarray]:
@@ -237,7 +250,9 @@ def test_reader_matches_qupath_export(qupath_dir: Path, project_name: str, image
             theirs.append(json.dumps(feature[key]))
     their_geometries = shapely.from_geojson(theirs)
     assert shapely.hausdorff_distance(np.array(ours, dtype=object), their_geometries).max() <= 0.0100001
-    np.testing.assert_allclose(shapely.area(np.array(ours, dtype=object)), shapely.area(their_geometries), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        shapely.area(np.array(ours, dtype=object)), shapely.area(their_geometries), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_mixed_objects_kinds_and_rois(mixed_objects: list[QuPathObject]) -> None:
@@ -245,7 +260,13 @@ def test_mixed_objects_kinds_and_rois(mixed_objects: list[QuPathObject]) -> None
     assert kinds == {"annotation": 15, "detection": 6, "cell": 158, "tile": 12}
     annotations = [obj for obj in mixed_objects if obj.kind == "annotation"]
     assert Counter(obj.roi_type for obj in annotations) == {
-        "Rectangle": 5, "Polygon": 2, "Geometry": 2, "Ellipse": 2, "Points": 2, "Polyline": 1, "Line": 1,
+        "Rectangle": 5,
+        "Polygon": 2,
+        "Geometry": 2,
+        "Ellipse": 2,
+        "Points": 2,
+        "Polyline": 1,
+        "Line": 1,
     }
     assert sum(obj.name is not None for obj in mixed_objects) == 27
     assert sum(obj.is_locked for obj in mixed_objects) == 2
@@ -287,7 +308,11 @@ def test_mixed_objects_classes_names_and_values(mixed_objects: list[QuPathObject
     assert named.class_color == (200, 50, 50)
     assert named.metadata == {"source": "manual detection with metadata"}
     assert list(named.measurements) == [
-        "Nucleus: Area µm^2", "Nucleus: Hematoxylin OD mean", "Größe: Fläche", "Score (0–1)", "plain",
+        "Nucleus: Area µm^2",
+        "Nucleus: Hematoxylin OD mean",
+        "Größe: Fläche",
+        "Score (0–1)",
+        "plain",
     ]
     assert named.measurements["Nucleus: Hematoxylin OD mean"] == float(np.float32(0.3))
     region = _by_name(mixed_objects, "Tumor region 1")
@@ -313,7 +338,9 @@ def test_mixed_objects_parents(mixed_objects: list[QuPathObject]) -> None:
     assert by_id[inner.parent_id].name == "Nested: middle"
     # Hierarchy order lists every parent before its children.
     position = {obj.id: index for index, obj in enumerate(mixed_objects)}
-    assert all(position[obj.parent_id] < position[obj.id] for obj in mixed_objects if obj.parent_id in position)
+    assert all(
+        position[obj.parent_id] < position[obj.id] for obj in mixed_objects if obj.parent_id in position
+    )
 
 
 def test_data_file_keeps_older_class_colour(qupath_dir: Path, mixed_objects: list[QuPathObject]) -> None:
@@ -323,7 +350,11 @@ def test_data_file_keeps_older_class_colour(qupath_dir: Path, mixed_objects: lis
     assert stroma.class_color == (150, 200, 150)
     assert stroma.to_geojson_feature()["properties"]["classification"]["color"] == [150, 200, 150]
     colors = QuPathProjectFiles(qupath_dir / "mixed_objects").path_classes()
-    assert stroma.to_geojson_feature(class_colors=colors)["properties"]["classification"]["color"] == [0, 128, 255]
+    assert stroma.to_geojson_feature(class_colors=colors)["properties"]["classification"]["color"] == [
+        0,
+        128,
+        255,
+    ]
 
 
 def test_tma_cores(qupath_dir: Path) -> None:
@@ -345,7 +376,9 @@ def test_header_fields(qupath_dir: Path) -> None:
     assert (data.width_px, data.height_px) == (2220, 2967)
     assert data.server.uris == ("file:///srv/nuclass-data/slides/CMU-1-Small-Region.svs",)
     assert [stain["name"] for stain in data.stains["stains"]] == ["Hematoxylin", "Eosin"]
-    assert data.stains["stains"][0]["vector"] == pytest.approx((0.6511078257574492, 0.7011930431234068, 0.29049426072255424))
+    assert data.stains["stains"][0]["vector"] == pytest.approx(
+        (0.6511078257574492, 0.7011930431234068, 0.29049426072255424)
+    )
     assert data.properties is None
 
 
@@ -362,7 +395,10 @@ def test_cells_measurements_and_stream_order(qupath_dir: Path) -> None:
     assert len(cells) == 103
     assert all(len(cell.measurements) == 41 for cell in cells)
     assert list(cells[0].measurements)[:2] == ["Nucleus: Area", "Nucleus: Perimeter"]
-    assert all(cell.nucleus_geometry is not None and cell.geometry.contains(cell.nucleus_geometry.centroid) for cell in cells)
+    assert all(
+        cell.nucleus_geometry is not None and cell.geometry.contains(cell.nucleus_geometry.centroid)
+        for cell in cells
+    )
     assert data.properties == {"PROJECT_ENTRY_ID": "/srv/nuclass-data/qupath/tcga_no_mpp/project.qpproj::1"}
 
 
@@ -438,7 +474,9 @@ def test_unknown_data_file_version_raises(tmp_path: Path) -> None:
 
 def test_layout_mismatch_names_version(tmp_path: Path) -> None:
     # A version 4 header over objects laid out as version 3 writes them.
-    body = QpdataWriter(data_file_version=3).build([SyntheticObject("annotation", roi=("rectangle", (0, 0, 5, 5)))])
+    body = QpdataWriter(data_file_version=3).build(
+        [SyntheticObject("annotation", roi=("rectangle", (0, 0, 5, 5)))]
+    )
     path = tmp_path / "mismatch.qpdata"
     path.write_bytes(body.replace(b"Data file version 3", b"Data file version 4", 1))
     with pytest.raises(QpdataError, match="data file version 4 layout not understood: .*UUID.*MetadataMap"):
@@ -458,13 +496,35 @@ def _layout_objects() -> list[SyntheticObject]:
             measurements={"a": 1.5},
             metadata={"key": "value"},
             children=[
-                SyntheticObject("detection", roi=("ellipse", (1, 1, 5, 5)), measurements={"x": 0.1}, measurement_list="double"),
-                SyntheticObject("detection", roi=("rectangle", (1, 1, 5, 5)), measurements={"y": 3.0}, measurement_list="default", locked=None),
-                SyntheticObject("cell", roi=("polygon", [(2, 2), (4, 2), (4, 4)]), nucleus=("ellipse", (2.5, 2.5, 3.5, 3.5)),
-                                measurements={"n": 2.5, "m": 1.0}, measurement_list="float open"),
+                SyntheticObject(
+                    "detection",
+                    roi=("ellipse", (1, 1, 5, 5)),
+                    measurements={"x": 0.1},
+                    measurement_list="double",
+                ),
+                SyntheticObject(
+                    "detection",
+                    roi=("rectangle", (1, 1, 5, 5)),
+                    measurements={"y": 3.0},
+                    measurement_list="default",
+                    locked=None,
+                ),
+                SyntheticObject(
+                    "cell",
+                    roi=("polygon", [(2, 2), (4, 2), (4, 4)]),
+                    nucleus=("ellipse", (2.5, 2.5, 3.5, 3.5)),
+                    measurements={"n": 2.5, "m": 1.0},
+                    measurement_list="float open",
+                ),
             ],
         ),
-        SyntheticObject("annotation", roi=("area", [[(0, 0), (100, 0), (100, 100), (0, 100)], [(10, 10), (20, 10), (20, 20), (10, 20)]])),
+        SyntheticObject(
+            "annotation",
+            roi=(
+                "area",
+                [[(0, 0), (100, 0), (100, 100), (0, 100)], [(10, 10), (20, 10), (20, 20), (10, 20)]],
+            ),
+        ),
         SyntheticObject("tmaCore", name="A-1", roi=("ellipse", (0, 0, 10, 10)), is_missing=True),
     ]
 
@@ -480,7 +540,9 @@ def test_synthetic_layouts_round_trip(tmp_path: Path, version: int, block_size: 
     data = read_image_data(path)
     objects = data.objects()
     parent, ellipse, rectangle, cell, area, core = objects
-    assert [obj.id for obj in objects] == [str(obj.id) for obj in (source[0], *source[0].children, *source[1:])]
+    assert [obj.id for obj in objects] == [
+        str(obj.id) for obj in (source[0], *source[0].children, *source[1:])
+    ]
     assert data.data_file_version == version
     assert parent.path_class == ("Tumor", "Positive")
     assert parent.metadata == {"key": "value"}
@@ -498,7 +560,12 @@ def test_synthetic_layouts_round_trip(tmp_path: Path, version: int, block_size: 
 
 def test_unknown_classes_are_skipped_with_warnings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     objects = [
-        SyntheticObject("annotation", name="subclass", roi=("rectangle", (0, 0, 4, 4)), java_class="org.example.SpecialAnnotation"),
+        SyntheticObject(
+            "annotation",
+            name="subclass",
+            roi=("rectangle", (0, 0, 4, 4)),
+            java_class="org.example.SpecialAnnotation",
+        ),
         SyntheticObject("annotation", name="odd roi", roi=("unknown", "org.example.SplineROI")),
     ]
     path = QpdataWriter().write(tmp_path / "unknown.qpdata", objects)
@@ -529,10 +596,17 @@ def test_stream_order_memory_stays_flat(tmp_path: Path, monkeypatch: pytest.Monk
 
     # A small read-ahead chunk keeps the input buffer out of the comparison.
     monkeypatch.setattr(javaser, "_CHUNK_BYTES", 1 << 14)
-    small = read_image_data(QpdataWriter().write(tmp_path / "small.qpdata", synthetic_cells(500, measurements=5)))
-    large = read_image_data(QpdataWriter().write(tmp_path / "large.qpdata", synthetic_cells(1500, measurements=5)))
+    small = read_image_data(
+        QpdataWriter().write(tmp_path / "small.qpdata", synthetic_cells(500, measurements=5))
+    )
+    large = read_image_data(
+        QpdataWriter().write(tmp_path / "large.qpdata", synthetic_cells(1500, measurements=5))
+    )
 
-    streamed = [_peak_memory(lambda data=data: sum(1 for _ in data.iter_objects(order="stream"))) for data in (small, large)]
+    streamed = [
+        _peak_memory(lambda data=data: sum(1 for _ in data.iter_objects(order="stream")))
+        for data in (small, large)
+    ]
     kept = [_peak_memory(lambda data=data: data.objects(order="stream")) for data in (small, large)]
     # 1000 more cells cost memory when kept, and almost none when each is dropped after use.
     assert kept[1] - kept[0] > 500_000
@@ -598,7 +672,11 @@ def test_javaser_proxy_and_custom_data(tmp_path: Path) -> None:
     writer = StreamWriter()
     writer.proxy_class_desc(["java.lang.Runnable"])
     desc = Desc("org.example.Custom", SC_SERIALIZABLE | SC_WRITE_METHOD, [("I", "count", None)])
-    writer.serializable(desc, lambda: writer.raw_fields("i", 2), annotation=lambda: (writer.prim("i", 42), writer.string("extra")))
+    writer.serializable(
+        desc,
+        lambda: writer.raw_fields("i", 2),
+        annotation=lambda: (writer.prim("i", 42), writer.string("extra")),
+    )
     reader = _reader(writer.bytes(), tmp_path)
     proxy = reader.read_object()
     assert proxy.proxy_interfaces == ("java.lang.Runnable",)

@@ -68,7 +68,9 @@ SC_ENUM = 0x10
 
 # Java primitive type code to struct format and numpy dtype (big-endian).
 _STRUCTS = {code: struct.Struct(">" + fmt) for code, fmt in zip("BCDFIJSZ", "bHdfiqh?")}
-_DTYPES = {code: np.dtype(name) for code, name in zip("CDFIJSZ", (">u2", ">f8", ">f4", ">i4", ">i8", ">i2", "?"))}
+_DTYPES = {
+    code: np.dtype(name) for code, name in zip("CDFIJSZ", (">u2", ">f8", ">f4", ">i4", ">i8", ">i2", "?"))
+}
 _U16 = struct.Struct(">H")
 _I32 = struct.Struct(">i")
 _I64 = struct.Struct(">q")
@@ -377,7 +379,9 @@ class ObjectStreamReader:
         ``writeInt``) as block data between the top-level objects.
         """
         if self._size is not None and self._size < 4:
-            raise QpdataError(f"{self.source}: not a Java serialization stream: shorter than its 4-byte header")
+            raise QpdataError(
+                f"{self.source}: not a Java serialization stream: shorter than its 4-byte header"
+            )
         magic = self._unpack(_U16)
         version = self._unpack(_U16)
         if magic != STREAM_MAGIC:
@@ -549,6 +553,7 @@ class ObjectStreamReader:
             pos = self._pos
         tc = self._buf[pos]
         self._pos = pos + 1
+
         # The most frequent records first.
         if tc == TC_REFERENCE:
             return self._reference()
@@ -587,6 +592,7 @@ class ObjectStreamReader:
         if tc in (TC_CLASSDESC, TC_PROXYCLASSDESC):
             self._pos -= 1
             return self.read_class_desc()
+
         start = self._base + pos
         if tc == TC_EXCEPTION:
             raise self.error("the writer recorded an exception (TC_EXCEPTION)", offset=start)
@@ -634,6 +640,7 @@ class ObjectStreamReader:
             if isinstance(value, JavaClassDesc):
                 self._pos = pos + 5
                 return value
+
         start = self.offset
         tc = self._u8()
         if tc == TC_NULL:
@@ -659,6 +666,7 @@ class ObjectStreamReader:
             desc.name = "<proxy " + ", ".join(desc.proxy_interfaces) + ">"
         else:
             raise self.error(f"expected a class description but found record type 0x{tc:02X}", start)
+
         desc.annotations = self._read_annotation()
         desc.super_desc = self.read_class_desc()
         return desc

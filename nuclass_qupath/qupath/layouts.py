@@ -2,8 +2,9 @@
 
 This module describes how QuPath writes ``data.qpdata``: the data file
 versions, the Java classes of objects, ROIs, measurement lists and
-classifications, and how their deserialized fields become Python values.  :mod:`nuclass_qupath.qupath.qpdata` drives the
-stream, and branches on the flags defined here.
+classifications, and how their deserialized fields become Python values.
+:mod:`nuclass_qupath.qupath.qpdata` drives the stream and branches on the
+flags defined here.
 
 The layouts were read from QuPath's own ``readExternal``/``writeExternal`` and
 serialization-proxy code (``qupath-core``, packages ``qupath.lib.objects``,

@@ -112,7 +112,7 @@ class QuPathObject:
             Classification colour by class name (``"Tumor: Positive"``), for
             example from the project's ``classifiers/classes.json``.  QuPath
             keeps one colour per class name in a session, so its export uses
-            the project's colour where the data file holds an older one.
+            the project's colour where the data file stores an older one.
 
         Raises
         ------
@@ -184,7 +184,10 @@ def _coordinates(geometry: BaseGeometry) -> list[Any]:
     if type_id == 3:
         if geometry.is_empty:
             return []
-        rings = [shapely.get_exterior_ring(geometry), *shapely.get_interior_ring(geometry, range(shapely.get_num_interior_rings(geometry)))]
+        rings = [
+            shapely.get_exterior_ring(geometry),
+            *shapely.get_interior_ring(geometry, range(shapely.get_num_interior_rings(geometry))),
+        ]
         return [shapely.get_coordinates(ring).tolist() for ring in rings]
     if type_id == 4:
         return shapely.get_coordinates(geometry).tolist()
@@ -263,9 +266,10 @@ def _reverse_parts(geometry: BaseGeometry) -> BaseGeometry:
 def build_geometries(rois: list[RoiValue | None]) -> list[BaseGeometry | None]:
     """Build the geometries QuPath 0.6's ``ROI.getGeometry()`` returns, for many ROIs at once.
 
-    Every geometry is on the 0.01 px grid and normalized (``Geometry.norm()``,
-    which QuPath applies since 0.6.0): shells clockwise in image coordinates,
-    rings starting at their lowest vertex.
+    Every geometry is on the 0.01 px grid.  All but ``Geometry`` ROIs are
+    normalized as QuPath 0.6.0 does with ``Geometry.norm()``: rings start at
+    their lowest vertex, and shells run clockwise with y pointing up, which is
+    counter-clockwise as drawn on the image.
     """
     result: list[BaseGeometry | None] = [None] * len(rois)
     by_type: dict[str, list[int]] = {}
@@ -353,9 +357,7 @@ def _rectangles(bounds: list[tuple[float, float, float, float]]) -> list[BaseGeo
     # GeometricShapeFactory.createRectangle with 4 points: the corners from
     # (minX, minY) clockwise in image coordinates.
     b = np.asarray(bounds, dtype=np.float64).reshape(-1, 4)
-    corners = np.stack(
-        [b[:, [0, 1]], b[:, [2, 1]], b[:, [2, 3]], b[:, [0, 3]]], axis=1
-    )
+    corners = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [2, 3]], b[:, [0, 3]]], axis=1)
     return _closed_shapes(snap_to_grid(corners))
 
 
@@ -410,5 +412,3 @@ _BUILDERS: dict[str, Callable[[list[Any]], list[BaseGeometry]]] = {
     "Points": _points,
     "Geometry": _finished,
 }
-
-

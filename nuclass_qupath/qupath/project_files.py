@@ -1,8 +1,9 @@
 """Read a QuPath project folder (``project.qpproj`` and ``data/<id>/``) without Java.
 
 A QuPath project stores absolute image URIs.  When the project folder has
-moved, :class:`QuPathProjectFiles` finds the images the way QuPath does, in
-``qupath.lib.io.UriUpdater.fixUris`` (QuPath 0.3 to 0.6):
+moved, :class:`QuPathProjectFiles` finds the images the way QuPath's
+``qupath.lib.io.UriUpdater.fixUris`` does (qupath-core; the class dates from
+2021, the QuPath 0.3 era, and the copy read for this module is a later one):
 
 1. A URI whose file exists is kept.
 2. Otherwise its path relative to the folder of the project's previous
@@ -13,8 +14,11 @@ moved, :class:`QuPathProjectFiles` finds the images the way QuPath does, in
 
 An optional ``image_root_remap`` (old path prefix to new prefix) is tried
 before steps 2 and 3, for images that moved independently of the project.
-A missing image is reported through :attr:`ProjectImageEntry.exists` and a warning;
-its objects can still be read from ``data.qpdata``.
+A missing image is reported through :attr:`ProjectImageEntry.exists` and a
+warning, and its objects can still be read from ``data.qpdata``.
+
+NOTE: step 2 is checked against the QuPath 0.6.0 sample projects, which were
+saved under another folder; steps 1 and 3 only against folders the tests build.
 """
 
 from __future__ import annotations
@@ -110,8 +114,9 @@ class ServerInfo:
     @classmethod
     def from_builder(cls, builder: Mapping[str, Any] | None) -> ServerInfo:
         """Parse a ``serverBuilder`` object (``project.qpproj``, ``server.json`` or ``data.qpdata``)."""
-        builder = dict(builder or {})
-        metadata = builder.get("metadata") or {}
+        builder = dict(builder) if isinstance(builder, Mapping) else {}
+        metadata = builder.get("metadata")
+        metadata = metadata if isinstance(metadata, Mapping) else {}
         return cls(
             builder_type=builder.get("builderType"),
             provider=builder.get("providerClassName"),
@@ -259,14 +264,21 @@ class QuPathProjectFiles:
         self.image_root_remap = dict(image_root_remap or {})
         raw = _load_json(self.project_file)
         if not isinstance(raw, dict):
-            raise ProjectError(f"{self.project_file} holds a JSON {type(raw).__name__}, expected an object")
+            raise ProjectError(
+                f"{self.project_file} is invalid: it contains a JSON {type(raw).__name__}, expected an object"
+            )
         self.raw = raw
         self.version: str | None = raw.get("version")
         self.previous_uri: str | None = raw.get("uri")
         self.create_timestamp: int | None = raw.get("createTimestamp")
         self.modify_timestamp: int | None = raw.get("modifyTimestamp")
         self.last_id: int | None = raw.get("lastID")
-        self.images = [self._read_entry(index, entry) for index, entry in enumerate(raw.get("images") or [])]
+        entries = raw.get("images") or []
+        if not isinstance(entries, list):
+            raise ProjectError(
+                f"{self.project_file} is invalid: 'images' is a JSON {type(entries).__name__}, expected a list"
+            )
+        self.images = [self._read_entry(index, entry) for index, entry in enumerate(entries)]
         missing = [image for image in self.images if image.exists is False]
         logger.info(
             "read QuPath project %s (QuPath %s): %d images, %d missing",
@@ -292,7 +304,9 @@ class QuPathProjectFiles:
         for image in self.images:
             if (isinstance(key, int) and image.entry_id == key) or image.image_name == key:
                 return image
-        raise KeyError(f"no image {key!r} in {self.project_file}; images: {[i.image_name for i in self.images]}")
+        raise KeyError(
+            f"no image {key!r} in {self.project_file}; images: {[i.image_name for i in self.images]}"
+        )
 
     def path_classes(self) -> dict[str, tuple[int, int, int]]:
         """Return class name to ``(r, g, b)`` from ``classifiers/classes.json`` (empty if absent)."""
@@ -301,7 +315,10 @@ class QuPathProjectFiles:
             return {}
         raw = _load_json(classes_file)
         result: dict[str, tuple[int, int, int]] = {}
-        for entry in raw.get("pathClasses", []) if isinstance(raw, dict) else []:
+        entries = raw.get("pathClasses") if isinstance(raw, dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, dict):
+                continue
             name, color = entry.get("name"), entry.get("color")
             if isinstance(name, str) and isinstance(color, int):
                 value = color & 0xFFFFFF
@@ -310,7 +327,11 @@ class QuPathProjectFiles:
 
     # -- entries and relocation --------------------------------------------------
 
-    def _read_entry(self, index: int, entry: Mapping[str, Any]) -> ProjectImageEntry:
+    def _read_entry(self, index: int, entry: Any) -> ProjectImageEntry:
+        if not isinstance(entry, dict):
+            raise ProjectError(
+                f"{self.project_file}: image entry {index} is a JSON {type(entry).__name__}, expected an object"
+            )
         name = entry.get("imageName") or f"image #{index}"
         entry_id = entry.get("entryID")
         if not isinstance(entry_id, int):
@@ -325,23 +346,25 @@ class QuPathProjectFiles:
                 f"{self.project_file}: image entry {entry_id} ({name!r}) has no data folder "
                 f"{data_dir}; the project folder is incomplete"
             )
+
         builder = entry.get("serverBuilder") or {}
         server_file = data_dir / SERVER_FILE
         server = ServerInfo.from_builder(_load_json(server_file) if server_file.is_file() else builder)
         uris = tuple(collect_uris(builder)) or server.uris
         paths = tuple(self.locate(uri) for uri in uris)
         local = [path for path in paths if path is not None]
-        exists = all(path.is_file() for path in local) if local else None
-        relocated = any(
-            path is not None and path != uri_to_path(uri) for uri, path in zip(uris, paths)
-        )
+        # Some formats are folders (OME-Zarr), so any existing path counts.
+        exists = all(path.exists() for path in local) if local else None
+        relocated = any(path is not None and path != uri_to_path(uri) for uri, path in zip(uris, paths))
+
         if exists is False:
             logger.warning(
                 "image entry %d (%r): image file not found: %s",
                 entry_id,
                 name,
-                ", ".join(str(path) for path in local if not path.is_file()),
+                ", ".join(str(path) for path in local if not path.exists()),
             )
+
         summary_file = data_dir / SUMMARY_FILE
         return ProjectImageEntry(
             entry_id=entry_id,
@@ -365,12 +388,12 @@ class QuPathProjectFiles:
         ``None`` for URIs that are not local files.
         """
         path = uri_to_path(uri)
-        if path is None or path.is_file():
+        if path is None or path.exists():
             return path
         for old, new in self.image_root_remap.items():
             if str(path).startswith(old):
                 candidate = Path(new + str(path)[len(old) :])
-                if candidate.is_file():
+                if candidate.exists():
                     return candidate
         relative = self._relative_to_previous_folder(path)
         if relative is not None:
@@ -388,7 +411,7 @@ class QuPathProjectFiles:
             return None
         relative = os.path.relpath(path, previous_dir)
         candidate = Path(os.path.normpath(self.folder / relative))
-        return candidate if candidate.is_file() else None
+        return candidate if candidate.exists() else None
 
 
 def _search_by_name(folder: Path, name: str, depth: int) -> Path | None:

@@ -9,10 +9,10 @@ the object hierarchy, a property map and the string ``"EOF"``.
 :meth:`ImageData.iter_objects` then streams the hierarchy: each object is
 decoded as QuPath's ``readExternal`` methods read it, and the large values
 (ROI coordinates, measurement values) are dropped from the stream's handle
-table once their object is built.  In ``"stream"`` order memory use does not
-grow with the number of objects; ``"hierarchy"`` order (QuPath's order, parents
-before children) has to hold each top-level object's descendants until the
-parent's ROI, which QuPath writes after the children, has been read.
+table once their object is built.  In ``"stream"`` order, memory use does not
+grow with the number of objects.  ``"hierarchy"`` order (QuPath's order, parents
+before children) keeps each top-level object's descendants until the parent
+is complete, because QuPath writes a parent's ROI after its children.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def read_image_data(path: str | os.PathLike) -> ImageData:
     ------
     QpdataError
         If the file is not a QuPath data file, is truncated or uses a layout
-        this reader does not know; the message names the file and byte offset.
+        this reader does not know.  The message names the file and byte offset.
     """
     path = Path(path)
     if not path.is_file():
@@ -209,7 +209,9 @@ def read_image_data(path: str | os.PathLike) -> ImageData:
             raise QpdataError(f"{path} is not a QuPath data file: {exc}") from exc
         header = reader.read_utf()
         version = layouts.parse_data_file_version(header, str(path))
-        image = ImageData(path=path, data_file_version=version, layout=layouts.layout_for_version(version, str(path)))
+        image = ImageData(
+            path=path, data_file_version=version, layout=layouts.layout_for_version(version, str(path))
+        )
         _read_header_records(reader, image)
     logger.info(
         "read %s header: data file version %d, QuPath %s, image type %s, %.3f s",
@@ -233,7 +235,9 @@ def _with_geometries(batch: list[_Item]) -> list[QuPathObject]:
 
 
 def _new_reader(stream: Any, path: Path, *, start_offset: int = 0) -> ObjectStreamReader:
-    return ObjectStreamReader(stream, str(path), converters=layouts.QUPATH_CONVERTERS, start_offset=start_offset)
+    return ObjectStreamReader(
+        stream, str(path), converters=layouts.QUPATH_CONVERTERS, start_offset=start_offset
+    )
 
 
 def _read_header_records(reader: ObjectStreamReader, image: ImageData) -> None:
@@ -254,7 +258,9 @@ def _read_header_records(reader: ObjectStreamReader, image: ImageData) -> None:
             if isinstance(value, JavaEnum) and value.class_name == layouts.IMAGE_TYPE_CLASS:
                 image.image_type = value.constant
             elif value is not None:
-                logger.warning("%s: skipped unexpected record %s at byte offset %d", source, _describe(value), offset)
+                logger.warning(
+                    "%s: skipped unexpected record %s at byte offset %d", source, _describe(value), offset
+                )
             continue
         desc, handle = reader.begin_object()
         if desc.name == layouts.HIERARCHY_CLASS:
@@ -294,7 +300,9 @@ def _set_server(image: ImageData, record: str | None, source: str) -> None:
             f"as JSON, but its server record is not JSON ({exc.msg} at column {exc.colno})"
         ) from exc
     if not isinstance(wrapper, dict):
-        raise QpdataError(f"{source}: the server record is a JSON {type(wrapper).__name__}, expected an object")
+        raise QpdataError(
+            f"{source}: the server record is a JSON {type(wrapper).__name__}, expected an object"
+        )
     image.qupath_version = wrapper.get("qupathVersion")
     image.server_path = wrapper.get("id")
     image.server = ServerInfo.from_builder(wrapper.get("server"))
@@ -335,7 +343,10 @@ class _HierarchyWalker:
                 if not class_desc.flags & SC_SERIALIZABLE:
                     continue
                 for java_field in class_desc.fields:
-                    if class_desc.name == layouts.HIERARCHY_CLASS and java_field.name == layouts.HIERARCHY_ROOT_FIELD:
+                    if (
+                        class_desc.name == layouts.HIERARCHY_CLASS
+                        and java_field.name == layouts.HIERARCHY_ROOT_FIELD
+                    ):
                         yield from self._read_path_object(parent_id=None)
                     else:
                         reader.read_field(java_field)
@@ -357,6 +368,7 @@ class _HierarchyWalker:
             logger.warning(message, *args)
 
     def _read_path_object(self, parent_id: str | None) -> Iterator[_Item]:
+        """Read one PathObject record with its descendants, yielding them in the requested order."""
         reader = self.reader
         start = reader.offset
         if reader.peek_byte() == TC_NULL:
@@ -377,6 +389,7 @@ class _HierarchyWalker:
                 desc.name,
                 known_class,
             )
+
         obj = QuPathObject(kind=kind, id="", parent_id=parent_id, java_class=desc.name)
         item: _Item = (obj, None, None)
         descendants: list[_Item] = []
@@ -385,38 +398,36 @@ class _HierarchyWalker:
             n_children = reader.read_int()
             if n_children < 0:
                 raise reader.error(f"{desc.name} {obj.id} has a negative child count {n_children}")
-            if kind == "root":
-                if self.include_root and self.order == "hierarchy":
-                    yield item
-                for _ in range(n_children):
-                    yield from self._read_path_object(obj.id)
-            elif self.order == "stream":
+            if kind == "root" and self.include_root and self.order == "hierarchy":
+                yield item
+            if kind == "root" or self.order == "stream":
                 for _ in range(n_children):
                     yield from self._read_path_object(obj.id)
             else:
                 descendants = [child for _ in range(n_children) for child in self._read_path_object(obj.id)]
             if kind in layouts.ROI_OBJECT_KINDS:
                 item = (obj, *self._read_roi_object_fields(obj, kind))
+
+        # Drop what no later record refers to. The TMA grid after the root
+        # refers back to TMA cores. An object's own id string is never shared,
+        # unlike measurement names, which first appear inside an object.
         if kind == "tmaCore":
-            # The hierarchy's TMA grid refers back to its cores.
             reader.set_handle(handle, _READ_PATH_OBJECT)
         else:
             reader.drop_handle(handle)
-        # The object's own id string is never shared, unlike strings such as
-        # measurement names that first appear inside an object.
         object_id = obj.id
         reader.release_handles(
-            first_handle, lambda value: _is_releasable(value) or (isinstance(value, str) and value == object_id)
+            first_handle,
+            lambda value: _is_releasable(value) or (isinstance(value, str) and value == object_id),
         )
-        self.count += 1
+
         if kind == "root":
             if self.include_root and self.order == "stream":
                 yield item
-        elif self.order == "stream":
-            yield item
-        else:
-            yield item
-            yield from descendants
+            return
+        self.count += 1
+        yield item
+        yield from descendants
 
     def _skip_unknown_object(self, desc: JavaClassDesc, handle: int, start: int) -> None:
         self._warn_once(
@@ -468,17 +479,18 @@ class _HierarchyWalker:
             except ValueError:
                 logger.debug("%s: metadata 'Object ID' %r is not a UUID", self.source, id_text)
         if object_id is None:
-            # QuPath gives objects without a stored id (files from QuPath 0.3 and
-            # earlier) a random one when it reads them.
+            # QuPath gives an object read without a stored id a random one.
             object_id = uuid.uuid4()
         obj.id = str(object_id)
         obj.metadata = items
         obj.measurements = dict(measurements.items) if measurements else {}
 
-    def _read_roi_object_fields(self, obj: QuPathObject, kind: str) -> tuple[RoiValue | None, RoiValue | None]:
-        # PathROIObject.writeExternal: Boolean lock (QuPath 0.2 and later),
-        # PathClass or null, ROI, double class probability; then
-        # PathCellObject's nucleus ROI or TMACoreObject's boolean isMissing.
+    def _read_roi_object_fields(
+        self, obj: QuPathObject, kind: str
+    ) -> tuple[RoiValue | None, RoiValue | None]:
+        # PathROIObject.writeExternal: Boolean lock (missing in files from early
+        # QuPath versions), PathClass or null, ROI, double class probability.
+        # PathCellObject adds its nucleus ROI, TMACoreObject its boolean isMissing.
         reader = self.reader
         value = reader.read_object()
         if isinstance(value, bool):
