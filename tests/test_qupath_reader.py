@@ -194,6 +194,20 @@ def test_project_entry_without_data_raises(qupath_dir: Path, tmp_path: Path) -> 
         QuPathProjectFiles(project_dir)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"images": {"a": 1}}', "'images' is a JSON dict, expected a list"),
+        ('{"images": [3]}', "image entry 0 is a JSON int, expected an object"),
+        ("[1, 2]", "it contains a JSON list, expected an object"),
+    ],
+)
+def test_project_bad_structure_raises(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "project.qpproj").write_text(text)
+    with pytest.raises(ProjectError, match=message):
+        QuPathProjectFiles(tmp_path)
+
+
 def test_uri_to_path_decodes_escapes() -> None:
     assert uri_to_path("file:///data/my%20slides/a.svs") == Path("/data/my slides/a.svs")
     assert uri_to_path("file:/data/a.svs") == Path("/data/a.svs")
@@ -479,7 +493,9 @@ def test_layout_mismatch_names_version(tmp_path: Path) -> None:
     )
     path = tmp_path / "mismatch.qpdata"
     path.write_bytes(body.replace(b"Data file version 3", b"Data file version 4", 1))
-    with pytest.raises(QpdataError, match="data file version 4 layout not understood: .*UUID.*MetadataMap"):
+    with pytest.raises(
+        QpdataError, match="data file version 4 layout not understood: .*UUID, but contains .*MetadataMap"
+    ):
         read_image_data(path).objects()
 
 

@@ -187,6 +187,9 @@ class JavaObject:
 
     def get(self, name: str, default: Any = None) -> Any:
         """Return field ``name`` from the most derived class that declares it."""
+        values = self.fields.get(self.class_name)
+        if values is not None and name in values:
+            return values[name]
         for class_name in self.desc.class_names():
             values = self.fields.get(class_name)
             if values is not None and name in values:
@@ -520,17 +523,22 @@ class ObjectStreamReader:
         self._next_handle = 0
 
     def _reference(self) -> Any:
-        # The TC_REFERENCE byte was just consumed: report its offset.
-        start = self.offset - 1
-        handle = self._unpack(_I32) - BASE_WIRE_HANDLE
-        if not 0 <= handle < self._next_handle:
-            raise self.error(
-                f"reference to unknown handle 0x{handle + BASE_WIRE_HANDLE:X} "
-                f"({self._next_handle} handles defined)",
-                offset=start,
-            )
+        # The TC_REFERENCE byte was just consumed.
+        pos = self._pos
+        if pos + 4 > len(self._buf):
+            self._fill(4)
+            pos = self._pos
+        handle = _I32.unpack_from(self._buf, pos)[0] - BASE_WIRE_HANDLE
+        self._pos = pos + 4
         value = self._handles.get(handle, _RELEASED)
         if value is _RELEASED:
+            start = self._base + pos - 1
+            if not 0 <= handle < self._next_handle:
+                raise self.error(
+                    f"reference to unknown handle 0x{handle + BASE_WIRE_HANDLE:X} "
+                    f"({self._next_handle} handles defined)",
+                    offset=start,
+                )
             raise self.error(
                 f"reference to handle 0x{handle + BASE_WIRE_HANDLE:X}, whose value was released "
                 "while streaming; the stream shares a value that QuPath does not share",

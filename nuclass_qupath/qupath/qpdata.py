@@ -338,6 +338,18 @@ class _HierarchyWalker:
         start = time.perf_counter()
         reader = self.reader
         desc, handle = reader.begin_object()
+        root_fields = [
+            java_field
+            for class_desc in desc.hierarchy()
+            if class_desc.name == layouts.HIERARCHY_CLASS
+            for java_field in class_desc.fields
+            if java_field.name == layouts.HIERARCHY_ROOT_FIELD
+        ]
+        if not root_fields:
+            raise reader.error(
+                f"data file version {self.layout.data_file_version} layout not understood: "
+                f"{desc.name} has no field {layouts.HIERARCHY_ROOT_FIELD!r}"
+            )
         with reader.object_fields():
             for class_desc in desc.hierarchy():
                 if not class_desc.flags & SC_SERIALIZABLE:
@@ -535,7 +547,7 @@ class _HierarchyWalker:
     def _layout_error(self, start: int, expected: str, found: Any) -> QpdataError:
         return self.reader.error(
             f"data file version {self.layout.data_file_version} layout not understood: the object "
-            f"starting here should continue with {expected}, but holds {_describe(found)}",
+            f"starting here should continue with {expected}, but contains {_describe(found)}",
             offset=start,
         )
 
