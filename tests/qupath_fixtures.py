@@ -3,12 +3,13 @@
 The writer emits the records of the Java Object Serialization Stream Protocol
 the way ``java.io.ObjectOutputStream`` does (stream version 5, protocol
 version 2): primitive data of ``writeObject``/``writeExternal`` and of the top
-level goes into block-data records, flushed before each object.  The QuPath
-helpers lay objects out as QuPath 0.6 ``writeExternal`` does, so tests can
-build data files with layouts that the sample projects do not contain
-(data file version 4, QuPath 0.1 objects without a lock flag, double-valued and
-``DefaultMeasurementList`` measurements, unknown classes) and large files for
-benchmarks.
+level goes into block-data records, flushed before each object.
+
+The QuPath helpers lay objects out as QuPath 0.6 ``writeExternal`` does.  With
+them, tests build data files in layouts that the sample projects lack: data
+file version 4, objects without the lock record of early QuPath versions,
+double-valued and ``DefaultMeasurementList`` measurements, and unknown
+classes.  The benchmark uses them for large files.
 """
 
 from __future__ import annotations
