@@ -123,7 +123,7 @@ class ModelConfig(BaseModel):
 
     @property
     def context_mpp(self) -> float:
-        """µm per pixel of the image the global encoder sees."""
+        """µm per pixel of the global encoder's input image."""
         return self.mpp * self.context_px / self.context_encoder_px
 
     def to_json(self) -> str:

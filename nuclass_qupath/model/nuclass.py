@@ -98,7 +98,7 @@ class NuClass(nn.Module):
         self.global_proj = nn.Sequential(nn.Linear(2 * self.global_encoder.channels, config.embed_dim), nn.GELU())
         self.local_head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.embed_dim, n_classes))
         self.global_head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.embed_dim, n_classes))
-        # The gate sees both paths' features and their uncertainty (3 numbers each).
+        # Gate input: both paths' features and their uncertainty (3 numbers each).
         self.gate = nn.Sequential(
             nn.Linear(2 * config.embed_dim + 6, config.gate_hidden),
             nn.GELU(),
