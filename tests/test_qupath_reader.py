@@ -458,6 +458,15 @@ def test_corrupted_bytes_raise_qpdata_errors(qupath_dir: Path, tmp_path: Path) -
     assert set(outcomes) <= {"read", "QpdataError"}
 
 
+@pytest.mark.parametrize(
+    "roi", [("polygon", [(0, 0), (float("nan"), 0), (5, 5)]), ("ellipse", (0, 0, float("inf"), 4))]
+)
+def test_non_finite_roi_raises(tmp_path: Path, roi: tuple) -> None:
+    path = QpdataWriter().write(tmp_path / "nan.qpdata", [SyntheticObject("annotation", roi=roi)])
+    with pytest.raises(QpdataError, match=r"not finite at byte offset \d+"):
+        read_image_data(path).objects()
+
+
 def test_json_file_is_not_qpdata(qupath_dir: Path) -> None:
     with pytest.raises(QpdataError, match=r"server\.json is not a QuPath data file: .*magic number 0x7B0A"):
         read_image_data(qupath_dir / "cmu1_cells" / "data" / "1" / "server.json")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 import uuid
 from collections.abc import Callable
@@ -423,12 +424,17 @@ def _plane(obj: JavaObject) -> tuple[int, int, int]:
 def _xy(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray) or len(x) != len(y):
         raise ValueError("x and y coordinate arrays are missing or of different lengths")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("ROI coordinates are not finite")
     return x, y
 
 
 def _bounds(obj: JavaObject) -> tuple[float, float, float, float]:
     # Bounded ROI proxies store x, y and x2 = x + width, y2 = y + height.
-    return (float(obj.get("x")), float(obj.get("y")), float(obj.get("x2")), float(obj.get("y2")))
+    bounds = (float(obj.get("x")), float(obj.get("y")), float(obj.get("x2")), float(obj.get("y2")))
+    if not all(math.isfinite(value) for value in bounds):
+        raise ValueError(f"ROI bounds {bounds} are not finite")
+    return bounds
 
 
 def _convert_polygon_roi(obj: JavaObject) -> RoiValue:

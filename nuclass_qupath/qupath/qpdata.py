@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from shapely.errors import GEOSException
 
 from nuclass_qupath.errors import QpdataError
 from nuclass_qupath.qupath import layouts
@@ -167,9 +168,9 @@ class ImageData:
             for item in walker.walk():
                 batch.append(item)
                 if len(batch) >= _GEOMETRY_BATCH:
-                    yield from _with_geometries(batch)
+                    yield from _with_geometries(batch, self.path)
                     batch = []
-            yield from _with_geometries(batch)
+            yield from _with_geometries(batch, self.path)
             self.properties = _read_trailer(reader, self.path)
 
     def objects(self, *, order: str = "hierarchy", include_root: bool = False) -> list[QuPathObject]:
@@ -224,9 +225,13 @@ def read_image_data(path: str | os.PathLike) -> ImageData:
     return image
 
 
-def _with_geometries(batch: list[_Item]) -> list[QuPathObject]:
+def _with_geometries(batch: list[_Item], source: Path) -> list[QuPathObject]:
     """Set the geometries of a batch of objects, built together, and return the objects."""
-    geometries = build_geometries([roi for _, roi, _ in batch] + [nucleus for _, _, nucleus in batch])
+    try:
+        geometries = build_geometries([roi for _, roi, _ in batch] + [nucleus for _, _, nucleus in batch])
+    except GEOSException as exc:
+        ids = ", ".join(obj.id for obj, _, _ in batch[:3])
+        raise QpdataError(f"{source}: invalid ROI geometry among the objects from {ids}: {exc}") from exc
     n = len(batch)
     for index, (obj, _, _) in enumerate(batch):
         obj.geometry = geometries[index]
