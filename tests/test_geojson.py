@@ -580,30 +580,40 @@ def test_prediction_feature_repairs_invalid_polygon():
     assert repaired.area == pytest.approx(50.0)
 
 
-@pytest.mark.slow
-def test_writer_1m_features_flat_memory(tmp_path):
-    script = textwrap.dedent(
-        """
-        import resource, sys
-        import numpy as np, shapely
-        from nuclass_qupath.cells.geojson import GeoJSONWriter, prediction_feature
+_STREAM_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np, shapely
+    from nuclass_qupath.cells.geojson import GeoJSONWriter, prediction_feature
 
-        angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
-        circle = np.column_stack([np.cos(angles), np.sin(angles)]) * 6.0
-        with GeoJSONWriter(sys.argv[1]) as writer:
-            for i in range(1_000_000):
-                polygon = shapely.polygons(circle + (i % 1000 * 20.0, i // 1000 * 20.0))
-                writer.write(prediction_feature(
-                    cell_id=f"00000000-0000-4000-8000-{i:012d}", geometry=polygon, class_name="Tumor",
-                    color=(200, 0, 0), measurements={"NuClass: confidence": 0.9, "NuClass: gate": 0.5}))
-        print(writer.count, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
-        """
-    )
-    out = tmp_path / "million.geojson.gz"
-    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, check=True)
-    count, peak_rss_mb = map(int, result.stdout.split())
-    assert count == 1_000_000
-    assert peak_rss_mb < 500
+    n = int(sys.argv[2])
+    angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    circle = np.column_stack([np.cos(angles), np.sin(angles)]) * 6.0
+    with GeoJSONWriter(sys.argv[1]) as writer:
+        for i in range(n):
+            polygon = shapely.polygons(circle + (i % 1000 * 20.0, i // 1000 * 20.0))
+            writer.write(prediction_feature(
+                cell_id=f"00000000-0000-4000-8000-{i:012d}", geometry=polygon, class_name="Tumor",
+                color=(200, 0, 0), measurements={"NuClass: confidence": 0.9, "NuClass: gate": 0.5}))
+    print(writer.count, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    """
+)
+
+
+@pytest.mark.slow
+def test_writer_memory_stays_flat(tmp_path):
+    # Peak memory must not grow with the number of features written; the
+    # million-feature figure is measured by benchmarks/bench_geojson.py.
+    peaks = {}
+    for n in (5_000, 50_000):
+        out = tmp_path / f"cells_{n}.geojson.gz"
+        result = subprocess.run(
+            [sys.executable, "-c", _STREAM_SCRIPT, str(out), str(n)], capture_output=True, text=True, check=True
+        )
+        count, peaks[n] = map(int, result.stdout.split())
+        assert count == n
+    assert peaks[50_000] < 500
+    assert peaks[50_000] - peaks[5_000] < 30
 
 
 def test_read_non_finite_ring_names_feature(tmp_path):
