@@ -21,12 +21,14 @@ logger = logging.getLogger("nuclass_qupath")
 # Order of the commands in --help.
 COMMAND_MODULES = (
     "classify",
-    "train",
     "project",
     "export_geojson",
-    "xenium",
+    "train",
+    "calibrate",
     "evaluate",
     "explain",
+    "xenium",
+    "build_store",
 )
 
 

@@ -33,9 +33,14 @@ class FeatureEncoder(nn.Module):
 
     def __init__(self, name: str, feature_index: int) -> None:
         super().__init__()
+        kwargs = {}
+        # Vision transformers are built for one input size unless asked to
+        # interpolate position embeddings; crops and fast-mode regions vary.
+        if timm.models.is_model_in_modules(name, ["vision_transformer", "vision_transformer_hybrid", "deit", "eva", "beit"]):
+            kwargs = {"dynamic_img_size": True, "dynamic_img_pad": True}
         try:
             self.body = timm.create_model(
-                name, pretrained=False, features_only=True, out_indices=(feature_index,)
+                name, pretrained=False, features_only=True, out_indices=(feature_index,), **kwargs
             )
         except RuntimeError as exc:
             raise ModelError(
