@@ -3,6 +3,10 @@
 A training example is a cell's local crop and its context, cut exactly as the
 engine's exact mode cuts them, with an integer label, a weight (label
 confidence) and a group (the slide it came from, for splits by slide).
+
+The trainer reads examples through the :class:`CropSource` interface, which
+both the in-memory :class:`CropSet` and the zarr store's
+:class:`~nuclass_qupath.training.store.StoreCrops` implement.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from nuclass_qupath.cells.table import CellTable
 from nuclass_qupath.engine.classify import read_centred
-from nuclass_qupath.errors import CellsError
+from nuclass_qupath.errors import CellsError, ModelError
 from nuclass_qupath.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -34,6 +39,35 @@ class LabelledImage:
     group: str
 
 
+@runtime_checkable
+class CropSource(Protocol):
+    """Training examples the trainer can draw batches from.
+
+    ``labels`` (N,) int64 index into ``class_names``, ``weights`` (N,) float32
+    label confidences and ``groups`` (N,) str (slide or cohort) are kept in
+    memory. The images are read per batch by :meth:`get_batch`.
+    """
+
+    labels: np.ndarray
+    weights: np.ndarray
+    groups: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int: ...
+
+    def get_batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return the uint8 (B, H, W, 3) local crops and contexts of the examples at ``index``, in that order."""
+        ...
+
+    def subset(self, mask: np.ndarray) -> "CropSource": ...
+
+    def class_counts(self) -> dict[str, int]: ...
+
+    def check_geometry(self, config: ModelConfig) -> None:
+        """Raise ModelError when the crops were not cut for ``config``'s geometry."""
+        ...
+
+
 @dataclass
 class CropSet:
     """Training examples held in memory: crops, contexts, labels, weights and groups."""
@@ -48,6 +82,10 @@ class CropSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def get_batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return copies of the local crops and contexts at ``index`` (positions or a slice)."""
+        return self.local[index], self.context[index]
+
     def subset(self, mask: np.ndarray) -> "CropSet":
         return CropSet(
             self.local[mask], self.context[mask], self.labels[mask], self.weights[mask], self.groups[mask], self.class_names
@@ -56,6 +94,16 @@ class CropSet:
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(self.class_names))
         return {name: int(c) for name, c in zip(self.class_names, counts)}
+
+    def check_geometry(self, config: ModelConfig) -> None:
+        """Raise ModelError when the arrays' sizes differ from ``config``'s crop and context sizes with margins."""
+        local_px = config.local_crop_px + 2 * config.local_margin_px
+        context_px = config.context_encoder_px + 2 * config.context_margin_px
+        if self.local.shape[1:] != (local_px, local_px, 3) or self.context.shape[1:] != (context_px, context_px, 3):
+            raise ModelError(
+                f"the crops are {self.local.shape[1:3]} px and the contexts {self.context.shape[1:3]} px, but the "
+                f"model configuration needs {local_px} and {context_px} px; cut them again with this configuration"
+            )
 
 
 def _strip_label_suffix(name: str) -> str:
@@ -116,8 +164,25 @@ def load_labelled_cells(path: Path, label_map: dict[str, str] | None = None) -> 
     return cells
 
 
+def label_confidence(cells: CellTable) -> np.ndarray:
+    """Return each cell's ``Label confidence`` measurement as float32, 1 where the cell has none."""
+    weights = np.ones(len(cells), dtype=np.float32)
+    for i, feature in enumerate(cells.features):
+        confidence = ((feature or {}).get("properties", {}).get("measurements") or {}).get("Label confidence")
+        if isinstance(confidence, (int, float)):
+            weights[i] = float(confidence)
+    return weights
+
+
 def extract_crops(slide, centroids_px: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Cut each cell's local crop and context from ``slide``, as the engine's exact mode does."""
+    """Cut each cell's local crop and context from ``slide``, as the engine's exact mode does.
+
+    ``centroids_px`` are (N, 2) level-0 (x, y) in QuPath's frame. ``config``
+    may be a :class:`ModelConfig` or anything with its geometry attributes
+    (``mpp``, ``context_mpp``, ``local_crop_px``, ``local_margin_px``,
+    ``context_encoder_px``, ``context_margin_px``), such as the store's
+    :class:`~nuclass_qupath.training.store.StoreGeometry`.
+    """
     local_scale = config.mpp / slide.mpp
     context_scale = config.context_mpp / slide.mpp
     n = len(centroids_px)
@@ -160,11 +225,7 @@ def build_crop_set(
             check_centroids(cells, slide)
             local, context = extract_crops(slide, cells.centroids_px, config)
         labels = np.array([class_index[label] for label in cells.labels], dtype=np.int64)
-        weights = np.ones(len(cells), dtype=np.float32)
-        for i, feature in enumerate(cells.features):
-            confidence = ((feature or {}).get("properties", {}).get("measurements") or {}).get("Label confidence")
-            if isinstance(confidence, (int, float)):
-                weights[i] = float(confidence)
+        weights = label_confidence(cells)
         parts.append((local, context, labels, weights, np.full(len(cells), item.group, dtype=object)))
     if unknown:
         raise CellsError(

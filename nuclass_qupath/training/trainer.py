@@ -4,13 +4,18 @@ The staged schedule follows the method: the local path first (cross-entropy
 on its own head), then the global path with the uncertainty-weighted loss while
 the local path is frozen, then the gate alone on the mixture. The joint
 schedule trains everything at once on the full loss.
+
+Examples come from any :class:`~nuclass_qupath.training.dataset.CropSource`:
+crops in memory or a zarr store read batch by batch, the next batch being read
+in a background thread while the model trains on the current one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,11 +29,13 @@ from nuclass_qupath.model.config import ModelConfig
 from nuclass_qupath.model.io import save_model
 from nuclass_qupath.model.nuclass import NuClass, nuclass_loss
 from nuclass_qupath.training.augment import augment_pair
-from nuclass_qupath.training.dataset import CropSet
+from nuclass_qupath.training.dataset import CropSource
 
 logger = logging.getLogger(__name__)
 
-# Loss terms (mixture, local, global) and trainable parts per stage.
+# Loss terms (mixture, local, global) and trainable parts per stage. Parts not
+# listed are frozen: no gradient, and in eval mode so that their batch-norm
+# statistics and dropout do not change either.
 STAGES = {
     "local": ((0.0, 1.0, 0.0), ("local_encoder", "local_proj", "local_head")),
     "global": ((0.0, 0.0, 1.0), ("global_encoder", "global_proj", "global_head")),
@@ -42,7 +49,9 @@ class TrainOptions:
     """Settings of one training run."""
 
     schedule: Literal["joint", "staged"] = "joint"
-    epochs: int = 10  # joint: all epochs; staged: split between local, global and gate
+    epochs: int = 10  # joint: all epochs; staged: split 40/40/20 between local, global and gate
+    # Staged only: epochs of the local, global and gate stages, instead of splitting ``epochs``.
+    stage_epochs: tuple[int, int, int] | None = None
     batch_size: int = 32
     lr: float = 1e-3
     encoder_lr_scale: float = 0.3  # encoders learn slower than the new heads
@@ -78,6 +87,14 @@ def _freeze_early_blocks(model: NuClass, n_blocks: int) -> None:
 def _stage_plan(options: TrainOptions) -> list[str]:
     if options.schedule == "joint":
         return ["joint"] * options.epochs
+    if options.stage_epochs is not None:
+        n_local, n_global, n_gate = options.stage_epochs
+        if min(n_local, n_global) < 0 or n_gate < 1:
+            raise ValueError(
+                f"stage epochs must be >= 0 for the local and global stages and >= 1 for the gate, "
+                f"got {tuple(options.stage_epochs)}"
+            )
+        return ["local"] * n_local + ["global"] * n_global + ["gate"] * n_gate
     n_local = max(1, round(options.epochs * 0.4))
     n_global = max(1, round(options.epochs * 0.4))
     n_gate = max(1, options.epochs - n_local - n_global)
@@ -89,6 +106,8 @@ def _make_optimizer(model: NuClass, stage: str, options: TrainOptions) -> torch.
     for name, child in model.named_children():
         child.requires_grad_(trainable is None or name in trainable)
     _freeze_early_blocks(model, options.frozen_blocks)
+    # Gradients left from the previous stage would count in this stage's gradient clipping.
+    model.zero_grad(set_to_none=True)
     encoder_params, head_params = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -99,6 +118,15 @@ def _make_optimizer(model: NuClass, stage: str, options: TrainOptions) -> torch.
     return torch.optim.AdamW(groups, weight_decay=options.weight_decay)
 
 
+def _set_train_mode(model: NuClass, stage: str) -> None:
+    """Put the stage's trainable parts in train mode and its frozen parts in eval mode."""
+    _, trainable = STAGES[stage]
+    model.train()
+    for name, child in model.named_children():
+        if trainable is not None and name not in trainable:
+            child.eval()
+
+
 def balanced_epoch_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Draw one epoch of indices with every class equally likely, as many as there are cells."""
     counts = np.bincount(labels)
@@ -106,7 +134,20 @@ def balanced_epoch_order(labels: np.ndarray, rng: np.random.Generator) -> np.nda
     return rng.choice(len(labels), size=len(labels), replace=True, p=weights / weights.sum())
 
 
-def predict_crop_set(model: NuClass, crops: CropSet, batch_size: int = 64, calibrated: bool = True) -> dict[str, np.ndarray]:
+def _prefetched(source: CropSource, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+    """Yield ``(index, source.get_batch(index))`` for each batch, reading the next one in a background thread."""
+    if not batches:
+        return
+    with ThreadPoolExecutor(1) as reader:
+        future = reader.submit(source.get_batch, batches[0])
+        for i, index in enumerate(batches):
+            images = future.result()
+            if i + 1 < len(batches):
+                future = reader.submit(source.get_batch, batches[i + 1])
+            yield index, images
+
+
+def predict_crop_set(model: NuClass, crops: CropSource, batch_size: int = 64, calibrated: bool = True) -> dict[str, np.ndarray]:
     """Run the model on every crop; return probabilities of the mixture and both paths, gates and logits."""
     model.eval()
     previous = model.calibrated
@@ -115,10 +156,10 @@ def predict_crop_set(model: NuClass, crops: CropSet, batch_size: int = 64, calib
     out: dict[str, list] = {k: [] for k in keys}
     try:
         with torch.inference_mode():
-            for start in range(0, len(crops), batch_size):
-                sl = slice(start, start + batch_size)
-                local = torch.from_numpy(crops.local[sl]).permute(0, 3, 1, 2)
-                context = torch.from_numpy(crops.context[sl]).permute(0, 3, 1, 2)
+            batches = [np.arange(start, min(start + batch_size, len(crops))) for start in range(0, len(crops), batch_size)]
+            for _, (local_np, context_np) in _prefetched(crops, batches):
+                local = torch.from_numpy(local_np).permute(0, 3, 1, 2)
+                context = torch.from_numpy(context_np).permute(0, 3, 1, 2)
                 result = model(local, context)
                 for k in keys:
                     out[k].append(getattr(result, k).float().numpy())
@@ -127,7 +168,7 @@ def predict_crop_set(model: NuClass, crops: CropSet, batch_size: int = 64, calib
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
-def evaluate_paths(model: NuClass, crops: CropSet) -> dict[str, ClassificationReport]:
+def evaluate_paths(model: NuClass, crops: CropSource) -> dict[str, ClassificationReport]:
     """Scores of the gated mixture and of each path alone."""
     outputs = predict_crop_set(model, crops)
     names = crops.class_names
@@ -140,8 +181,8 @@ def evaluate_paths(model: NuClass, crops: CropSet) -> dict[str, ClassificationRe
 
 def train_model(
     config: ModelConfig,
-    train_set: CropSet,
-    val_set: CropSet | None,
+    train_set: CropSource,
+    val_set: CropSource | None,
     out_dir: Path,
     options: TrainOptions | None = None,
     *,
@@ -150,11 +191,18 @@ def train_model(
 ) -> TrainResult:
     """Train a model on ``train_set``; save a checkpoint per epoch and the best one as ``model``.
 
+    ``train_set`` and ``val_set`` are in-memory crops
+    (:class:`~nuclass_qupath.training.dataset.CropSet`) or a
+    store's cells (:class:`~nuclass_qupath.training.store.StoreCrops`); both
+    must have been cut for ``config``'s geometry, else ModelError is raised.
     The best epoch is the one with the highest validation macro-F1 of the gated
     prediction (the last epoch when there is no validation set). ``progress``
     wraps the batch iterator (``progress(iterable, description, total)``).
     """
     options = options or TrainOptions()
+    for source in (train_set, val_set):
+        if source is not None:
+            source.check_geometry(config)
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
@@ -184,20 +232,19 @@ def train_model(
             )
             current_stage = stage
         terms, _ = STAGES[stage]
-        model.train()
-        if stage in ("global", "gate"):
-            model.local_encoder.eval()  # frozen parts keep their batch-norm statistics
-        if stage == "gate":
-            model.global_encoder.eval()
+        _set_train_mode(model, stage)
+        trainable = [p for p in model.parameters() if p.requires_grad]
 
         order = balanced_epoch_order(train_set.labels, rng)
         batches = [order[i : i + options.batch_size] for i in range(0, n_batches * options.batch_size, options.batch_size)]
-        iterator = progress(batches, f"epoch {epoch}/{len(plan)} ({stage})", len(batches)) if progress else batches
+        iterator = _prefetched(train_set, batches)
+        if progress:
+            iterator = progress(iterator, f"epoch {epoch}/{len(plan)} ({stage})", len(batches))
         started = time.perf_counter()
         losses = []
-        for index in iterator:
-            local = torch.from_numpy(train_set.local[index]).permute(0, 3, 1, 2)
-            context = torch.from_numpy(train_set.context[index]).permute(0, 3, 1, 2)
+        for index, (local_np, context_np) in iterator:
+            local = torch.from_numpy(local_np).permute(0, 3, 1, 2)
+            context = torch.from_numpy(context_np).permute(0, 3, 1, 2)
             local, context = augment_pair(local, context, generator)
             targets = torch.from_numpy(train_set.labels[index])
             weight = torch.from_numpy(train_set.weights[index]) if options.use_label_confidence else None
@@ -205,7 +252,7 @@ def train_model(
             loss, parts = nuclass_loss(output, targets, gamma=config.gamma, sample_weight=weight, terms=terms)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            nn.utils.clip_grad_norm_(trainable, 5.0)
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
