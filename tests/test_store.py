@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import nuclass_qupath.cli as cli_module
+from nuclass_qupath.cli import main
 from nuclass_qupath.errors import CellsError, ModelError
 from nuclass_qupath.model import ClassSpec, ModelConfig, load_model
 from nuclass_qupath.slides import open_slide
@@ -46,14 +46,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def main(monkeypatch):
-    """The ``nuclass-qupath`` entry point, with ``build-store`` registered."""
-    if "build_store" not in cli_module.COMMAND_MODULES:
-        monkeypatch.setattr(cli_module, "COMMAND_MODULES", cli_module.COMMAND_MODULES + ("build_store",))
-    return cli_module.main
 
 
 def tiny_config(class_names: list[str], geometry: StoreGeometry = TINY, **overrides) -> ModelConfig:
@@ -149,10 +141,7 @@ def nucls_store(shared_data: Path, nucls_manifest: Path, tmp_path_factory):
         "--local-crop-px", "64", "--local-margin-px", "8", "--context-px", "256",
         "--context-encoder-px", "64", "--context-margin-px", "4", "--workers", "2",
     ]
-    with pytest.MonkeyPatch.context() as patch:
-        if "build_store" not in cli_module.COMMAND_MODULES:
-            patch.setattr(cli_module, "COMMAND_MODULES", cli_module.COMMAND_MODULES + ("build_store",))
-        assert cli_module.main(args) == 0
+    assert main(args) == 0
     return open_store(out)
 
 
@@ -489,7 +478,7 @@ def test_staged_schedule_freezes_finished_parts(cmu1_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_train_from_store_one_epoch(main, small_nucls_store, tmp_path, capsys):
+def test_cli_train_from_store_one_epoch(small_nucls_store, tmp_path, capsys):
     out = tmp_path / "model-from-store"
     args = [
         "train", "--store", str(small_nucls_store.path), "-o", str(out), "--epochs", "1", "--init", "random",
@@ -509,6 +498,6 @@ def test_cli_train_from_store_one_epoch(main, small_nucls_store, tmp_path, capsy
     assert "model written" in capsys.readouterr().out
 
 
-def test_cli_train_rejects_store_with_other_mpp(main, small_nucls_store, tmp_path):
+def test_cli_train_rejects_store_with_other_mpp(small_nucls_store, tmp_path):
     args = ["train", "--store", str(small_nucls_store.path), "-o", str(tmp_path / "m"), "--model-mpp", "0.25"]
     assert main(args) == 1
