@@ -26,11 +26,13 @@ through the version notes in that source.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -78,11 +80,29 @@ def _round_geometry(geometry: Any, decimals: int) -> Any:
     if not isinstance(geometry, dict):
         return geometry
     rounded = dict(geometry)
+    coordinates = rounded.get("coordinates")
+    if isinstance(coordinates, RoundedCoordinates) and coordinates.decimals <= decimals:
+        return rounded
     if "coordinates" in rounded:
-        rounded["coordinates"] = _round_positions(rounded["coordinates"], decimals)
+        rounded["coordinates"] = _round_positions(coordinates, decimals)
     if isinstance(rounded.get("geometries"), list):
         rounded["geometries"] = [_round_geometry(g, decimals) for g in rounded["geometries"]]
     return rounded
+
+
+class RoundedCoordinates(list):
+    """GeoJSON ``coordinates`` already rounded to ``decimals``, which :class:`GeoJSONWriter` writes as they are.
+
+    A plain list otherwise; JSON encodes it like one. :func:`polygons_to_geojson`
+    makes them, so that coordinates rounded in one numpy call per batch are not
+    rounded again feature by feature.
+    """
+
+    __slots__ = ("decimals",)
+
+    def __init__(self, values: Iterable[Any] = (), decimals: int = COORDINATE_DECIMALS) -> None:
+        super().__init__(values)
+        self.decimals = decimals
 
 
 def _finite_measurements(measurements: Any) -> tuple[Any, int]:
@@ -310,6 +330,53 @@ def geometry_to_geojson(geometry: Any) -> dict[str, Any]:
     return dict(shapely.geometry.mapping(geometry))
 
 
+def polygons_to_geojson(geometries: Sequence[Any], decimals: int = COORDINATE_DECIMALS) -> list[dict[str, Any] | None]:
+    """Convert many shapely polygons (level-0 px) to GeoJSON geometry dicts at once, with rounded coordinates.
+
+    Gives what :func:`geometry_to_geojson` gives for each valid, non-empty
+    Polygon, with coordinates rounded to ``decimals`` in one numpy call and
+    marked as :class:`RoundedCoordinates`. Other entries (None, points,
+    multipolygons, invalid polygons that need repair) come back as None, for
+    the caller to convert one by one.
+    """
+    result: list[dict[str, Any] | None] = [None] * len(geometries)
+    if not len(geometries):
+        return result
+    array = np.empty(len(geometries), dtype=object)
+    array[:] = list(geometries)
+    polygon = shapely.get_type_id(array) == shapely.GeometryType.POLYGON
+    convertible = polygon.copy()
+    convertible[polygon] = shapely.is_valid(array[polygon]) & ~shapely.is_empty(array[polygon])
+    positions = np.flatnonzero(convertible)
+    if positions.size == 0:
+        return result
+
+    _, coordinates, (ring_offsets, polygon_offsets) = shapely.to_ragged_array(array[positions], include_z=False)
+    # Making a list per point at once triggers many full passes of the cyclic
+    # garbage collector over every live object. These lists cannot form cycles.
+    with _gc_paused():
+        points = np.round(coordinates, decimals).tolist()
+        ring_offsets = ring_offsets.tolist()
+        polygon_offsets = polygon_offsets.tolist()
+        for k, position in enumerate(positions.tolist()):
+            first, last = polygon_offsets[k], polygon_offsets[k + 1]
+            rings = RoundedCoordinates([points[ring_offsets[r] : ring_offsets[r + 1]] for r in range(first, last)], decimals)
+            result[position] = {"type": "Polygon", "coordinates": rings}
+    return result
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Disable the cyclic garbage collector for the block, unless it is already off."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
 
@@ -333,7 +400,14 @@ def _measurement_dict(measurements: Any) -> dict[str, float]:
     return {str(name): float(value) for name, value in pairs if _is_finite_number(value)}
 
 
-def _classification(class_name: str, color: Sequence[int] | None) -> dict[str, Any]:
+def classification_json(class_name: str, color: Sequence[int] | None) -> dict[str, Any]:
+    """Return QuPath's ``classification`` object for a class name and ``(r, g, b)`` colour.
+
+    Raises
+    ------
+    ValueError
+        If the colour is missing or not 3 or 4 integers in 0-255.
+    """
     if color is None:
         raise ValueError(
             f"class {class_name!r} needs a colour: QuPath rejects a classification without 'color'"
@@ -471,7 +545,7 @@ def prediction_feature(
         if key not in ("objectType", "object_type", "classification", "measurements", "nucleusGeometry"):
             properties[key] = value
     if class_name is not None:
-        properties["classification"] = _classification(class_name, color)
+        properties["classification"] = classification_json(class_name, color)
     if merged:
         properties["measurements"] = merged
 
