@@ -13,7 +13,7 @@ from PIL import Image
 
 from nuclass_qupath.cells.geojson import read_cells_geojson
 from nuclass_qupath.cli import main
-from nuclass_qupath.engine.classify import EngineOptions, classify_slide
+from nuclass_qupath.engine.classify import EngineOptions, cell_crop_size, classify_slide
 from nuclass_qupath.errors import CellsError
 from nuclass_qupath.model import NuClass, bundled_model_path, save_model
 from nuclass_qupath.model.gradcam import explain_cells, grad_cam, panel_file_name, panel_size_px, write_explanation_panel
@@ -61,8 +61,9 @@ def cnn_explanations(cmu1_path, cmu1_cells, cnn_model):
 
 def check_heatmaps(explanation, model: NuClass) -> None:
     cfg = model.config
-    local_side = cfg.local_crop_px + 2 * cfg.local_margin_px
-    context_side = cfg.context_encoder_px + 2 * cfg.context_margin_px
+    # Crops start on the encoders' stride grid, as in the engine's exact mode.
+    local_side = cell_crop_size(cfg.local_crop_px, cfg.local_margin_px, model.local_encoder.stride)
+    context_side = cell_crop_size(cfg.context_encoder_px, cfg.context_margin_px, model.global_encoder.stride)
     for image, cam, side in (
         (explanation.local_image, explanation.local_cam, local_side),
         (explanation.context_image, explanation.context_cam, context_side),
@@ -110,7 +111,10 @@ def test_explain_cells_windows_centre_on_cell(cnn_explanations, cnn_model):
     for explanation in cnn_explanations:
         x0, y0, x1, y1 = explanation.local_window_px
         assert x1 - x0 == cfg.local_crop_px
-        assert (x0 + x1) / 2 == pytest.approx(explanation.local_image.shape[1] / 2, abs=1.0)
+        # The cell is off the crop centre by less than one stride; its window keeps the margin.
+        side = explanation.local_image.shape[1]
+        assert abs((x0 + x1) / 2 - side / 2) <= cnn_model.local_encoder.stride
+        assert x0 >= cfg.local_margin_px and x1 <= side - cfg.local_margin_px
         cx0, _, cx1, _ = explanation.cell_window_px
         assert cx1 - cx0 == pytest.approx(cfg.local_crop_px * cfg.mpp / cfg.context_mpp)
 

@@ -125,20 +125,30 @@ def _class_index(model: NuClass, target_class: int | str | None) -> int | None:
     return int(target_class)
 
 
-def _read_cell_images(slide, centroids_px: np.ndarray, config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Crops, contexts and the cell centres in their pixels, cut as the engine's exact mode cuts them."""
-    from nuclass_qupath.engine.classify import read_centred
+def _read_cell_images(
+    slide, centroids_px: np.ndarray, config, model: NuClass
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Crops, contexts and the cell centres in their pixels, cut on the stride grid like exact mode.
+
+    The same crops give the same probabilities as ``classify --mode exact``.
+    """
+    from nuclass_qupath.engine.classify import read_cell_crop
 
     local_scale = config.mpp / slide.mpp
     context_scale = config.context_mpp / slide.mpp
-    local_px = config.local_crop_px + 2 * config.local_margin_px
-    context_px = config.context_encoder_px + 2 * config.context_margin_px
+    local_stride = model.local_encoder.stride
+    context_stride = model.global_encoder.stride
     locals_, local_centres, contexts, context_centres = [], [], [], []
     for centre in centroids_px:
-        image, position = read_centred(slide, centre, local_scale, config.mpp, local_px)
+        image, position = read_cell_crop(
+            slide, centre, local_scale, config.mpp, config.local_crop_px, config.local_margin_px, local_stride
+        )
         locals_.append(image)
         local_centres.append(position)
-        image, position = read_centred(slide, centre, context_scale, config.context_mpp, context_px)
+        image, position = read_cell_crop(
+            slide, centre, context_scale, config.context_mpp, config.context_encoder_px, config.context_margin_px,
+            context_stride,
+        )
         contexts.append(image)
         context_centres.append(position)
     return np.stack(locals_), np.array(local_centres), np.stack(contexts), np.array(context_centres)
@@ -209,7 +219,7 @@ def explain_cells(
 
 def _explain_batch(model: NuClass, slide, centroids_px: np.ndarray, cell_ids: list[str], target_index: int | None) -> list[Explanation]:
     cfg = model.config
-    local_images, local_centres, context_images, context_centres = _read_cell_images(slide, centroids_px, cfg)
+    local_images, local_centres, context_images, context_centres = _read_cell_images(slide, centroids_px, cfg, model)
 
     # Each hook replaces the encoder's output with a detached leaf that
     # requires grad, so the backward pass stops at the feature map.
