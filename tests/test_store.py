@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from nuclass_qupath.cli import main
+from nuclass_qupath.engine.classify import read_cell_crop
 from nuclass_qupath.errors import CellsError, ModelError
 from nuclass_qupath.model import ClassSpec, ModelConfig, load_model
 from nuclass_qupath.slides import open_slide
@@ -32,9 +33,13 @@ from nuclass_qupath.training.store import StoreGeometry, open_store, row_runs
 from nuclass_qupath.training.store_build import STATE_FILE, BuildSettings, build_store
 from nuclass_qupath.training.trainer import TrainOptions, _stage_plan, predict_crop_set, train_model
 
+# Strides 8: EfficientNet-Lite stage 2, the feature stage of tiny_config.
 TINY = StoreGeometry(
-    mpp=0.5, local_crop_px=64, local_margin_px=8, context_px=256, context_encoder_px=64, context_margin_px=4
+    mpp=0.5, local_crop_px=64, local_margin_px=8, context_px=256, context_encoder_px=64, context_margin_px=4,
+    local_align_px=8, context_align_px=8,
 )
+# Crop sides: window + 2 margins rounded up to the stride, plus one stride.
+LOCAL_PX, CONTEXT_PX = 88, 80
 AREA_CLASSES = ["Nucleus: Area tertile 1", "Nucleus: Area tertile 2", "Nucleus: Area tertile 3"]
 CHUNK = 16
 
@@ -58,7 +63,7 @@ def tiny_config(class_names: list[str], geometry: StoreGeometry = TINY, **overri
         gate_hidden=8,
         local_sigma_px=8.0,
         global_sigma_px=32.0,
-        **{k: v for k, v in geometry.to_dict().items() if k != "context_mpp"},
+        **geometry.config_values(),
     )
     values.update(overrides)
     return ModelConfig(**values)
@@ -139,7 +144,8 @@ def nucls_store(shared_data: Path, nucls_manifest: Path, tmp_path_factory):
         "--label-map", str(shared_data / "nucls" / "label_map.yaml"),
         "--classes", "tumor_any=200,0,0", *NUCLS_CLASSES[1:],
         "--local-crop-px", "64", "--local-margin-px", "8", "--context-px", "256",
-        "--context-encoder-px", "64", "--context-margin-px", "4", "--workers", "2",
+        "--context-encoder-px", "64", "--context-margin-px", "4", "--local-align-px", "8", "--context-align-px", "8",
+        "--workers", "2",
     ]
     assert main(args) == 0
     return open_store(out)
@@ -197,12 +203,41 @@ def test_manifest_rejects_missing_labels_file(tmp_path, cmu1_path):
 def test_store_crops_equal_extract_crops(cmu1_store, cmu1_path):
     centroids = cmu1_store.centroids_px
     with open_slide(cmu1_path) as slide:
-        local, context = extract_crops(slide, centroids, TINY)
-    stored_local, stored_context = cmu1_store.read_images(np.arange(len(cmu1_store)))
-    assert stored_local.shape == (len(cmu1_store), 80, 80, 3)
-    assert stored_context.shape == (len(cmu1_store), 72, 72, 3)
-    assert np.array_equal(stored_local, local)
-    assert np.array_equal(stored_context, context)
+        crops = extract_crops(slide, centroids, TINY)
+    stored = cmu1_store.read_batch(np.arange(len(cmu1_store)))
+    assert stored.local.shape == (len(cmu1_store), LOCAL_PX, LOCAL_PX, 3)
+    assert stored.context.shape == (len(cmu1_store), CONTEXT_PX, CONTEXT_PX, 3)
+    assert np.array_equal(stored.local, crops.local)
+    assert np.array_equal(stored.context, crops.context)
+    assert np.array_equal(stored.local_centres_px, crops.local_centres_px)
+    assert np.array_equal(stored.context_centres_px, crops.context_centres_px)
+
+
+def test_store_crops_equal_engine_exact_crops(cmu1_store, cmu1_path):
+    # The engine's exact mode reads each cell with read_cell_crop and pools at the returned centre.
+    stored = cmu1_store.read_batch(np.arange(len(cmu1_store)))
+    with open_slide(cmu1_path) as slide:
+        local_scale, context_scale = TINY.mpp / slide.mpp, TINY.context_mpp / slide.mpp
+        for row in range(0, len(cmu1_store), 7):
+            centre = cmu1_store.centroids_px[row]
+            local, local_centre = read_cell_crop(slide, centre, local_scale, TINY.mpp, 64, 8, 8)
+            context, context_centre = read_cell_crop(slide, centre, context_scale, TINY.context_mpp, 64, 4, 8)
+            assert np.array_equal(stored.local[row], local), row
+            assert np.array_equal(stored.context[row], context), row
+            assert np.array_equal(stored.local_centres_px[row], local_centre.astype(np.float32)), row
+            assert np.array_equal(stored.context_centres_px[row], context_centre.astype(np.float32)), row
+
+
+def test_store_centres_lie_within_one_stride_of_crop_centre(cmu1_store):
+    local = cmu1_store.cell_array("local_centre_px")
+    context = cmu1_store.cell_array("context_centre_px")
+    # The crop starts on the stride grid at or before window/2 + margin left of the cell.
+    assert local.dtype == np.float32
+    assert local.shape == (len(cmu1_store), 2)
+    assert np.all(local >= 64 / 2 + 8)
+    assert np.all(local < 64 / 2 + 8 + 8)
+    assert np.all(context >= 64 / 2 + 4)
+    assert np.all(context < 64 / 2 + 4 + 8)
 
 
 def test_store_cells_match_labels_file(cmu1_store, cmu1_area_table):
@@ -229,14 +264,16 @@ def test_store_layout_and_attributes(cmu1_store, cmu1_path):
     group = zarr.open_group(str(cmu1_store.path), mode="r")
     local = group["local"]
     assert local.metadata.zarr_format == 3
-    assert local.shards == (CHUNK, 80, 80, 3)
-    assert local.chunks == (1, 80, 80, 3)
+    assert local.shards == (CHUNK, LOCAL_PX, LOCAL_PX, 3)
+    assert local.chunks == (1, LOCAL_PX, LOCAL_PX, 3)
     codec = local.metadata.codecs[0].codecs[-1]
     assert (type(codec).__name__, codec.cname.value) == ("BloscCodec", "zstd")
     attrs = group.attrs["nuclass_store"]
     assert attrs["complete"] is True
     assert attrs["geometry"]["context_mpp"] == pytest.approx(2.0)
     assert attrs["geometry"]["local_crop_px"] == 64
+    assert attrs["geometry"]["local_align_px"] == 8
+    assert attrs["format_version"] == 2
     assert [c["name"] for c in attrs["classes"]] == AREA_CLASSES
     assert attrs["slides"][0]["slide"] == str(cmu1_path)
     assert attrs["slides"][0]["slide_mpp"] == pytest.approx(0.499)
@@ -302,7 +339,7 @@ def test_build_resumes_after_interruption(cmu1_sources, cmu1_store, tmp_path):
     reference = cmu1_store.read_images(np.arange(len(cmu1_store)))
     assert np.array_equal(resumed[0], reference[0])
     assert np.array_equal(resumed[1], reference[1])
-    for name in ("label", "confidence", "cell_id", "slide", "cohort", "x_px", "y_px"):
+    for name in ("label", "confidence", "cell_id", "slide", "cohort", "x_px", "y_px", "local_centre_px", "context_centre_px"):
         assert np.array_equal(store.cell_array(name), cmu1_store.cell_array(name)), name
     assert store.complete
 
@@ -364,19 +401,49 @@ def test_model_rejects_store_of_other_geometry(cmu1_store, tmp_path):
     config = tiny_config(AREA_CLASSES, local_crop_px=96)
     with pytest.raises(ModelError, match="local_crop_px 64 vs 96"):
         cmu1_store.check_geometry(config)
+    # Stage 3 of EfficientNet-Lite has stride 16, the store's crops are on a stride-8 grid.
+    with pytest.raises(ModelError, match="local_align_px 8 vs 16"):
+        cmu1_store.check_geometry(tiny_config(AREA_CLASSES, local_feature_index=3))
     crops = cmu1_store.crops()
     with pytest.raises(ModelError, match="geometry"):
         train_model(config, crops, None, tmp_path, TrainOptions(epochs=1, init="random"))
 
 
 def test_crop_set_rejects_other_geometry():
+    centres = np.full((2, 2), 40.0, np.float32)
     crops = CropSet(
-        np.zeros((2, 80, 80, 3), np.uint8), np.zeros((2, 72, 72, 3), np.uint8),
-        np.array([0, 1]), np.ones(2, np.float32), np.array(["a", "a"], dtype=object), AREA_CLASSES,
+        np.zeros((2, LOCAL_PX, LOCAL_PX, 3), np.uint8), np.zeros((2, CONTEXT_PX, CONTEXT_PX, 3), np.uint8),
+        centres, centres, np.array([0, 1]), np.ones(2, np.float32), np.array(["a", "a"], dtype=object), AREA_CLASSES,
     )
     crops.check_geometry(tiny_config(AREA_CLASSES))
-    with pytest.raises(ModelError, match="80"):
+    with pytest.raises(ModelError, match="needs 88 and 88 px"):
         crops.check_geometry(tiny_config(AREA_CLASSES, context_margin_px=8))
+
+
+def test_crop_set_rejects_other_stride():
+    # A crop set that knows its geometry names the differing stride.
+    centres = np.full((1, 2), 40.0, np.float32)
+    crops = CropSet(
+        np.zeros((1, LOCAL_PX, LOCAL_PX, 3), np.uint8), np.zeros((1, CONTEXT_PX, CONTEXT_PX, 3), np.uint8),
+        centres, centres, np.array([0]), np.ones(1, np.float32), np.array(["a"], dtype=object), AREA_CLASSES, TINY,
+    )
+    with pytest.raises(ModelError, match="context_align_px 8 vs 16"):
+        crops.check_geometry(tiny_config(AREA_CLASSES, global_feature_index=3))
+
+
+def test_old_store_format_asks_for_rebuild(cmu1_store, tmp_path):
+    import shutil
+
+    import zarr
+
+    path = tmp_path / "old.zarr"
+    shutil.copytree(cmu1_store.path, path)
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs["nuclass_store"])
+    attrs["format_version"] = 1
+    group.attrs["nuclass_store"] = attrs
+    with pytest.raises(CellsError, match="format version 1.*rebuild it with `nuclass-qupath build-store`"):
+        open_store(path)
 
 
 # ---------------------------------------------------------------------------
@@ -428,8 +495,11 @@ def test_store_predictions_equal_crop_set_predictions(cmu1_store):
     torch.manual_seed(0)
     model = NuClass(tiny_config(AREA_CLASSES))
     crops = cmu1_store.crops().subset(np.arange(0, len(cmu1_store), 6))
-    local, context = cmu1_store.read_images(crops.rows)
-    in_memory = CropSet(local, context, crops.labels, crops.weights, crops.groups, crops.class_names)
+    batch = cmu1_store.read_batch(crops.rows)
+    in_memory = CropSet(
+        batch.local, batch.context, batch.local_centres_px, batch.context_centres_px,
+        crops.labels, crops.weights, crops.groups, crops.class_names, TINY,
+    )
     from_store = predict_crop_set(model, crops, batch_size=16)
     from_memory = predict_crop_set(model, in_memory, batch_size=16)
     assert np.allclose(from_store["probs"], from_memory["probs"], atol=1e-6)

@@ -15,6 +15,12 @@ GEOMETRY_OPTIONS = (
     ("context_px", "context side, px at the model's µm/px, before resizing"),
     ("context_encoder_px", "context side after resizing, px, as the global encoder sees it"),
     ("context_margin_px", "image kept around the resized context on each side, px"),
+    (
+        "local_align_px",
+        "stride of the local encoder, px: crops start on multiples of it (default: the stride of the default "
+        "backbone, 16 for EfficientNet-Lite stage 3)",
+    ),
+    ("context_align_px", "stride of the global encoder, px: contexts start on multiples of it (default as above)"),
 )
 
 
@@ -68,8 +74,14 @@ def _geometry(args: argparse.Namespace):
         _, config_path = resolve_model_paths(args.geometry_from)
         base = StoreGeometry.from_config(ModelConfig.from_json_file(config_path))
     else:
-        defaults = ModelConfig.model_fields
-        base = StoreGeometry(mpp=defaults["mpp"].default, **{name: defaults[name].default for name, _ in GEOMETRY_OPTIONS})
+        from nuclass_qupath.training.crops import CONFIG_FIELDS, encoder_stride
+
+        defaults = {name: field.default for name, field in ModelConfig.model_fields.items()}
+        base = StoreGeometry(
+            **{name: defaults[name] for name in CONFIG_FIELDS},
+            local_align_px=encoder_stride(defaults["local_backbone"], defaults["local_feature_index"]),
+            context_align_px=encoder_stride(defaults["global_backbone"], defaults["global_feature_index"]),
+        )
     values = base.to_dict()
     values.pop("context_mpp")
     if args.model_mpp is not None:

@@ -184,7 +184,7 @@ def _store_data(args: argparse.Namespace):
         model_id=args.model_id or args.output.name,
         description=args.description,
         classes=classes,
-        **{k: v for k, v in geometry.to_dict().items() if k != "context_mpp"},
+        **geometry.config_values(),
         **_architecture(args),
     )
     crops = store.crops(group_by=args.split_by, class_names=[c.name for c in classes])

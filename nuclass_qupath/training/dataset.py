@@ -1,8 +1,10 @@
 """Labelled cells to training crops.
 
 A training example is a cell's local crop and its context, cut exactly as the
-engine's exact mode cuts them, with an integer label, a weight (label
-confidence) and a group (the slide it came from, for splits by slide).
+engine's exact mode cuts them (on the encoders' stride grid, see
+:mod:`nuclass_qupath.training.crops`), the cell's centre in each crop, an
+integer label, a weight (label confidence) and a group (the slide it came
+from, for splits by slide).
 
 The trainer reads examples through the :class:`CropSource` interface, which
 both the in-memory :class:`CropSet` and the zarr store's
@@ -20,9 +22,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from nuclass_qupath.cells.table import CellTable
-from nuclass_qupath.engine.classify import read_centred
 from nuclass_qupath.errors import CellsError, ModelError
 from nuclass_qupath.model.config import ModelConfig
+from nuclass_qupath.training.crops import CropBatch, CropGeometry, extract_crops
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class CropSource(Protocol):
 
     ``labels`` (N,) int64 index into ``class_names``, ``weights`` (N,) float32
     label confidences and ``groups`` (N,) str (slide or cohort) are kept in
-    memory. The images are read per batch by :meth:`get_batch`.
+    memory. The crops and cell centres are read per batch by :meth:`get_batch`.
     """
 
     labels: np.ndarray
@@ -55,8 +57,8 @@ class CropSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def get_batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return the uint8 (B, H, W, 3) local crops and contexts of the examples at ``index``, in that order."""
+    def get_batch(self, index: np.ndarray) -> CropBatch:
+        """Return the crops and cell centres of the examples at ``index``, in that order."""
         ...
 
     def subset(self, mask: np.ndarray) -> "CropSource": ...
@@ -64,31 +66,45 @@ class CropSource(Protocol):
     def class_counts(self) -> dict[str, int]: ...
 
     def check_geometry(self, config: ModelConfig) -> None:
-        """Raise ModelError when the crops were not cut for ``config``'s geometry."""
+        """Raise ModelError when the crops were not cut for ``config``'s geometry and encoder strides."""
         ...
 
 
 @dataclass
 class CropSet:
-    """Training examples held in memory: crops, contexts, labels, weights and groups."""
+    """Training examples held in memory: crops with cell centres, labels, weights and groups.
 
-    local: np.ndarray  # (N, crop + 2 margin, same, 3) uint8
-    context: np.ndarray  # (N, encoder px + 2 margin, same, 3) uint8
+    ``local`` and ``context`` are uint8 (N, L, L, 3) and (N, C, C, 3) crops of
+    ``geometry``; ``local_centres_px`` and ``context_centres_px`` are float32
+    (N, 2) cell centres ``(x, y)`` in crop pixels (see
+    :class:`~nuclass_qupath.training.crops.CropBatch`).
+    """
+
+    local: np.ndarray
+    context: np.ndarray
+    local_centres_px: np.ndarray
+    context_centres_px: np.ndarray
     labels: np.ndarray  # (N,) int64 index into class_names
     weights: np.ndarray  # (N,) float32
     groups: np.ndarray  # (N,) str
     class_names: list[str] = field(default_factory=list)
+    # Geometry the crops were cut with; None when they come from elsewhere,
+    # and then only the crop sizes are checked against a model.
+    geometry: CropGeometry | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def get_batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return copies of the local crops and contexts at ``index`` (positions or a slice)."""
-        return self.local[index], self.context[index]
+    def get_batch(self, index: np.ndarray) -> CropBatch:
+        """Return copies of the crops and cell centres at ``index`` (positions or a slice)."""
+        return CropBatch(
+            self.local[index], self.context[index], self.local_centres_px[index], self.context_centres_px[index]
+        )
 
     def subset(self, mask: np.ndarray) -> "CropSet":
         return CropSet(
-            self.local[mask], self.context[mask], self.labels[mask], self.weights[mask], self.groups[mask], self.class_names
+            self.local[mask], self.context[mask], self.local_centres_px[mask], self.context_centres_px[mask],
+            self.labels[mask], self.weights[mask], self.groups[mask], self.class_names, self.geometry,
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -96,13 +112,21 @@ class CropSet:
         return {name: int(c) for name, c in zip(self.class_names, counts)}
 
     def check_geometry(self, config: ModelConfig) -> None:
-        """Raise ModelError when the arrays' sizes differ from ``config``'s crop and context sizes with margins."""
-        local_px = config.local_crop_px + 2 * config.local_margin_px
-        context_px = config.context_encoder_px + 2 * config.context_margin_px
+        """Raise ModelError when the crops were cut for another geometry or stride than ``config``'s."""
+        expected = CropGeometry.from_config(config)
+        if self.geometry is not None:
+            differences = self.geometry.differences(expected)
+            if differences:
+                raise ModelError(
+                    f"the crops were cut for another geometry than model {config.model_id!r} expects (crops vs "
+                    f"model: {'; '.join(differences)}); cut them again with this configuration"
+                )
+        local_px, context_px = expected.local_size_px, expected.context_size_px
         if self.local.shape[1:] != (local_px, local_px, 3) or self.context.shape[1:] != (context_px, context_px, 3):
             raise ModelError(
                 f"the crops are {self.local.shape[1:3]} px and the contexts {self.context.shape[1:3]} px, but the "
-                f"model configuration needs {local_px} and {context_px} px; cut them again with this configuration"
+                f"model configuration needs {local_px} and {context_px} px (window, margins and encoder stride); "
+                "cut them again with this configuration"
             )
 
 
@@ -174,28 +198,6 @@ def label_confidence(cells: CellTable) -> np.ndarray:
     return weights
 
 
-def extract_crops(slide, centroids_px: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Cut each cell's local crop and context from ``slide``, as the engine's exact mode does.
-
-    ``centroids_px`` are (N, 2) level-0 (x, y) in QuPath's frame. ``config``
-    may be a :class:`ModelConfig` or anything with its geometry attributes
-    (``mpp``, ``context_mpp``, ``local_crop_px``, ``local_margin_px``,
-    ``context_encoder_px``, ``context_margin_px``), such as the store's
-    :class:`~nuclass_qupath.training.store.StoreGeometry`.
-    """
-    local_scale = config.mpp / slide.mpp
-    context_scale = config.context_mpp / slide.mpp
-    n = len(centroids_px)
-    local_px = config.local_crop_px + 2 * config.local_margin_px
-    context_px = config.context_encoder_px + 2 * config.context_margin_px
-    local = np.empty((n, local_px, local_px, 3), dtype=np.uint8)
-    context = np.empty((n, context_px, context_px, 3), dtype=np.uint8)
-    for i, centre in enumerate(centroids_px):
-        local[i], _ = read_centred(slide, centre, local_scale, config.mpp, local_px)
-        context[i], _ = read_centred(slide, centre, context_scale, config.context_mpp, context_px)
-    return local, context
-
-
 def build_crop_set(
     images: Iterable[LabelledImage],
     config: ModelConfig,
@@ -204,10 +206,16 @@ def build_crop_set(
     label_map: dict[str, str] | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> CropSet:
-    """Read every labelled image and cut crops of the cells whose class the model knows."""
+    """Read every labelled image and cut crops of the cells whose class the model knows.
+
+    The crops are cut on the stride grid of ``config``'s encoders, as the
+    engine's exact mode cuts them; raises CellsError for labels outside the
+    model's classes or when no labelled cell is found.
+    """
     from nuclass_qupath.slides import open_slide
 
     class_index = {name: i for i, name in enumerate(config.class_names)}
+    geometry = CropGeometry.from_config(config)
     parts = []
     unknown: dict[str, int] = {}
     images = list(images)
@@ -223,10 +231,11 @@ def build_crop_set(
             from nuclass_qupath.engine.classify import check_centroids
 
             check_centroids(cells, slide)
-            local, context = extract_crops(slide, cells.centroids_px, config)
+            crops = extract_crops(slide, cells.centroids_px, geometry)
         labels = np.array([class_index[label] for label in cells.labels], dtype=np.int64)
         weights = label_confidence(cells)
-        parts.append((local, context, labels, weights, np.full(len(cells), item.group, dtype=object)))
+        groups = np.full(len(cells), item.group, dtype=object)
+        parts.append((crops.local, crops.context, crops.local_centres_px, crops.context_centres_px, labels, weights, groups))
     if unknown:
         raise CellsError(
             "labels not among the model's classes "
@@ -235,5 +244,10 @@ def build_crop_set(
         )
     if not parts:
         raise CellsError("no labelled cells found in the training images")
-    local, context, labels, weights, groups = (np.concatenate(p) for p in zip(*parts))
-    return CropSet(local, context, labels, weights, groups, list(config.class_names))
+    arrays = [np.concatenate(p) for p in zip(*parts)]
+    crop_set = CropSet(*arrays, class_names=list(config.class_names), geometry=geometry)
+    logger.info(
+        "cut %d cells from %d images: crops %d px at %.3g µm/px, contexts %d px at %.3g µm/px",
+        len(crop_set), len(parts), geometry.local_size_px, geometry.mpp, geometry.context_size_px, geometry.context_mpp,
+    )
+    return crop_set

@@ -7,10 +7,13 @@ contiguous per slide and in spatial order within a slide:
 ========================  ===================  =======================================
 array                     shape, dtype         content
 ========================  ===================  =======================================
-``local``                 (N, L, L, 3) uint8   crop at ``mpp``, ``L = local_crop_px +
-                                               2 * local_margin_px``
-``context``               (N, C, C, 3) uint8   context at ``context_mpp``, ``C =
-                                               context_encoder_px + 2 * context_margin_px``
+``local``                 (N, L, L, 3) uint8   crop at ``mpp`` on the local encoder's
+                                               stride grid, ``L = local_size_px``
+``context``               (N, C, C, 3) uint8   context at ``context_mpp`` on the global
+                                               encoder's stride grid, ``C =
+                                               context_size_px``
+``local_centre_px``,      (N, 2) float32       cell centre (x, y) in the pixels of its
+``context_centre_px``                          crop and of its context
 ``label``                 (N,) int32           index into the store's classes
 ``confidence``            (N,) float32         label confidence, 0-1 (1 when not given)
 ``slide``, ``organ``,     (N,) string          per-cell slide name, organ, cohort and
@@ -18,7 +21,9 @@ array                     shape, dtype         content
 ``x_px``, ``y_px``        (N,) float64         centroid, level-0 px of the slide
 ========================  ===================  =======================================
 
-The image arrays are sharded: a shard (one file) contains ``cells_per_chunk``
+Crops are cut as the engine's exact mode cuts them (see
+:mod:`nuclass_qupath.training.crops`), so the cell lies up to one stride off
+the crop centre. The image arrays are sharded: a shard (one file) contains ``cells_per_chunk``
 cells, and inside it every cell is its own blosc-zstd compressed chunk, so a
 training batch reads single cells without decoding their neighbours. The
 group attribute ``nuclass_store`` contains the crop geometry, the classes with
@@ -30,21 +35,25 @@ keeps ``build_state.json`` in the folder (see ``store_build``).
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nuclass_qupath.errors import CellsError, ModelError, NuclassError
 from nuclass_qupath.model.config import ClassSpec, ModelConfig
+from nuclass_qupath.training.crops import CropBatch, CropGeometry
 
 logger = logging.getLogger(__name__)
 
-STORE_FORMAT_VERSION = 1
+# Version 1 stored crops centred on the cell, off the encoders' stride grid.
+STORE_FORMAT_VERSION = 2
 ATTRIBUTE_KEY = "nuclass_store"
 IMAGE_ARRAYS = ("local", "context")
-CELL_ARRAYS = ("label", "confidence", "slide", "organ", "cohort", "cell_id", "x_px", "y_px")
+CENTRE_ARRAYS = ("local_centre_px", "context_centre_px")
+CELL_ARRAYS = ("label", "confidence", "slide", "organ", "cohort", "cell_id", "x_px", "y_px", *CENTRE_ARRAYS)
+# The geometry of a store is the geometry of its crops.
+StoreGeometry = CropGeometry
 # Consecutive rows closer than this are read in one slice: decoding a few
 # unused cells costs less than another read call.
 MAX_READ_GAP_ROWS = 2
@@ -62,85 +71,16 @@ def require_zarr3():
     return zarr
 
 
-@dataclass(frozen=True)
-class StoreGeometry:
-    """Pixel size and sizes of the crops in a store, which must match those of the model trained on it.
-
-    Sizes are pixels at ``mpp`` (local crop, context before resizing) or at
-    ``context_mpp`` (the encoder's context input and its margin).
-    """
-
-    mpp: float
-    local_crop_px: int
-    local_margin_px: int
-    context_px: int
-    context_encoder_px: int
-    context_margin_px: int
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.mpp) and self.mpp > 0):
-            raise CellsError(f"the crops' µm/px must be a positive number, got {self.mpp}")
-        for name in ("local_crop_px", "context_px", "context_encoder_px"):
-            if getattr(self, name) < 1:
-                raise CellsError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("local_margin_px", "context_margin_px"):
-            if getattr(self, name) < 0:
-                raise CellsError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.context_px < self.local_crop_px:
-            raise CellsError(f"context_px ({self.context_px}) must be at least local_crop_px ({self.local_crop_px})")
-
-    @classmethod
-    def from_config(cls, config: ModelConfig) -> "StoreGeometry":
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "StoreGeometry":
-        try:
-            return cls(
-                mpp=float(data["mpp"]),
-                **{f.name: int(data[f.name]) for f in fields(cls) if f.name != "mpp"},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CellsError(f"the store's geometry {data} is incomplete or invalid: {exc}") from exc
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["context_mpp"] = self.context_mpp
-        return data
-
-    @property
-    def context_mpp(self) -> float:
-        """µm per pixel of the stored context, the global encoder's input."""
-        return self.mpp * self.context_px / self.context_encoder_px
-
-    @property
-    def local_size_px(self) -> int:
-        return self.local_crop_px + 2 * self.local_margin_px
-
-    @property
-    def context_size_px(self) -> int:
-        return self.context_encoder_px + 2 * self.context_margin_px
-
-    def differences(self, other: "StoreGeometry") -> list[str]:
-        """Return ``name: self vs other`` for each field that differs."""
-        out = []
-        for f in fields(self):
-            mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            same = math.isclose(mine, theirs, rel_tol=1e-6) if f.name == "mpp" else mine == theirs
-            if not same:
-                out.append(f"{f.name} {mine} vs {theirs}")
-        return out
-
-
 def check_geometry(store_geometry: StoreGeometry, config: ModelConfig, store_path: Path | str) -> None:
     """Raise ModelError when ``config`` expects crops of another geometry than the store contains."""
     differences = store_geometry.differences(StoreGeometry.from_config(config))
     if differences:
         raise ModelError(
             f"store {store_path} contains crops of another geometry than model {config.model_id!r} expects "
-            f"(store vs model: {'; '.join(differences)}). Build a store for this model with "
-            "`nuclass-qupath build-store --geometry-from MODEL.json`, or let `train --store` take the geometry "
-            "from the store."
+            f"(store vs model: {'; '.join(differences)}; the align values are the encoders' strides). Build a "
+            "store for this model with `nuclass-qupath build-store --geometry-from MODEL.json`, or let "
+            "`train --store` take the geometry from the store and choose backbones and feature indexes of "
+            "the same strides."
         )
 
 
@@ -176,7 +116,8 @@ class CropStore:
         if attrs.get("format_version") != STORE_FORMAT_VERSION:
             raise CellsError(
                 f"store {self.path} has format version {attrs.get('format_version')}, this version of nuclass-qupath "
-                f"reads version {STORE_FORMAT_VERSION}; rebuild it with `nuclass-qupath build-store`"
+                f"reads version {STORE_FORMAT_VERSION} (crops on the encoders' stride grid, with each cell's centre "
+                "in its crop); rebuild it with `nuclass-qupath build-store` and the same inputs, adding --overwrite"
             )
         self.attrs = attrs
         self.geometry = StoreGeometry.from_dict(attrs["geometry"])
@@ -231,6 +172,14 @@ class CropStore:
         values = np.array([slide[key] for slide in self.slides], dtype=object)
         counts = [slide["rows"][1] - slide["rows"][0] for slide in self.slides]
         return np.repeat(values, counts) if self.slides else np.zeros(0, dtype=object)
+
+    def read_batch(self, rows: np.ndarray) -> CropBatch:
+        """Read the crops and cell centres of ``rows`` (any order, repeats allowed), in that order."""
+        local, context = self.read_images(rows)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        return CropBatch(
+            local, context, self.cell_array("local_centre_px")[rows], self.cell_array("context_centre_px")[rows]
+        )
 
     def read_images(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Read the local crops and contexts of ``rows`` (any order, repeats allowed), in that order.
@@ -309,9 +258,9 @@ class StoreCrops:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def get_batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Read the local crops and contexts of the examples at ``index`` (positions or a slice)."""
-        return self.store.read_images(self.rows[index])
+    def get_batch(self, index: np.ndarray) -> CropBatch:
+        """Read the crops and cell centres of the examples at ``index`` (positions or a slice)."""
+        return self.store.read_batch(self.rows[index])
 
     def subset(self, mask: np.ndarray) -> "StoreCrops":
         return StoreCrops(

@@ -5,7 +5,8 @@ A build runs in two steps:
 1. **Plan.** Each slide's labels file is read, and cells of unknown classes
    or below the minimum confidence are dropped. The rest are put in spatial
    order and their per-cell arrays (label, confidence, names, ids,
-   centroids) are appended to the store, one slide at a time. The group
+   centroids, and the cell centres in their crops) are appended to the
+   store, one slide at a time. The group
    attributes then record the slides' row ranges and a fingerprint of the
    inputs and settings.
 2. **Crops.** The image arrays are filled one chunk (``cells_per_chunk``
@@ -13,7 +14,8 @@ A build runs in two steps:
    their slide through a tile cache, the shard is written in a background
    thread while the next chunk is cut, and only then is the chunk added to
    ``build_state.json`` (written atomically). Memory holds two chunks and the
-   tile cache, whatever the number of cells.
+   tile cache, whatever the number of cells. Crops are cut with the engine's
+   exact-mode reader, on the encoders' stride grid.
 
 Running the same build again resumes it: a store with the same fingerprint
 skips its recorded chunks and rewrites any other, including one whose write
@@ -43,6 +45,7 @@ from nuclass_qupath import __version__
 from nuclass_qupath._atomic import atomic_open
 from nuclass_qupath.errors import CellsError
 from nuclass_qupath.model.config import ClassSpec
+from nuclass_qupath.training.crops import cell_crop_centres, read_cell_crops
 from nuclass_qupath.training.label_sources import (
     LabelledCells,
     LabelSource,
@@ -52,6 +55,7 @@ from nuclass_qupath.training.label_sources import (
 )
 from nuclass_qupath.training.store import (
     ATTRIBUTE_KEY,
+    CENTRE_ARRAYS,
     IMAGE_ARRAYS,
     STORE_FORMAT_VERSION,
     CropStore,
@@ -201,6 +205,8 @@ def _plan(group, sources, geometry: StoreGeometry, classes: list[ClassSpec], set
         "x_px": group.create_array("x_px", shape=(0,), chunks=(CELL_ARRAY_CHUNK,), dtype="float64"),
         "y_px": group.create_array("y_px", shape=(0,), chunks=(CELL_ARRAY_CHUNK,), dtype="float64"),
     }
+    for name in CENTRE_ARRAYS:
+        arrays[name] = group.create_array(name, shape=(0, 2), chunks=(CELL_ARRAY_CHUNK, 2), dtype="float32")
     for name in ("slide", "organ", "cohort", "cell_id"):
         arrays[name] = group.create_array(name, shape=(0,), chunks=(CELL_ARRAY_CHUNK,), dtype=str)
 
@@ -223,6 +229,22 @@ def _plan(group, sources, geometry: StoreGeometry, classes: list[ClassSpec], set
             for name, value in (("slide", source.name), ("organ", source.organ), ("cohort", source.cohort)):
                 arrays[name].append(np.array([value] * n, dtype=str))
             arrays["cell_id"].append(np.array(cells.ids, dtype=str))
+            # The same arithmetic as the crop reader, so these are the centres it returns for the cut crops.
+            local_scale, context_scale = geometry.mpp / slide_mpp, geometry.context_mpp / slide_mpp
+            arrays["local_centre_px"].append(
+                cell_crop_centres(
+                    cells.centroids_px, local_scale, geometry.local_crop_px, geometry.local_margin_px,
+                    geometry.local_align_px,
+                ),
+                axis=0,
+            )
+            arrays["context_centre_px"].append(
+                cell_crop_centres(
+                    cells.centroids_px, context_scale, geometry.context_encoder_px, geometry.context_margin_px,
+                    geometry.context_align_px,
+                ),
+                axis=0,
+            )
         records.append({**source.record(), "slide_mpp": slide_mpp, "rows": [start, start + n]})
         logger.info("planned %s: %d cells, rows %d-%d", source.name, n, start, start + n)
         start += n
@@ -266,8 +288,6 @@ class _SlideCursor:
 
 def _cut_rows(cursor, records, starts, group, geometry, start: int, stop: int, pool) -> tuple[np.ndarray, np.ndarray]:
     """Cut the crops and contexts of store rows ``[start, stop)``, which may span several slides."""
-    from nuclass_qupath.engine.classify import read_centred
-
     xy = np.column_stack([group["x_px"][start:stop], group["y_px"][start:stop]])
     local = np.empty((stop - start, geometry.local_size_px, geometry.local_size_px, 3), dtype=np.uint8)
     context = np.empty((stop - start, geometry.context_size_px, geometry.context_size_px, 3), dtype=np.uint8)
@@ -276,12 +296,9 @@ def _cut_rows(cursor, records, starts, group, geometry, start: int, stop: int, p
         record = records[bisect.bisect_right(starts, row) - 1]
         segment_stop = min(stop, record["rows"][1])
         slide = cursor.slide(record["name"])
-        local_scale = geometry.mpp / slide.mpp
-        context_scale = geometry.context_mpp / slide.mpp
 
         def cut(i: int) -> None:
-            local[i], _ = read_centred(slide, xy[i], local_scale, geometry.mpp, geometry.local_size_px)
-            context[i], _ = read_centred(slide, xy[i], context_scale, geometry.context_mpp, geometry.context_size_px)
+            local[i], _, context[i], _ = read_cell_crops(slide, xy[i], geometry)
 
         list(pool.map(cut, range(row - start, segment_stop - start)))
         row = segment_stop

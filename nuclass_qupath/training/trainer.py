@@ -7,7 +7,9 @@ schedule trains everything at once on the full loss.
 
 Examples come from any :class:`~nuclass_qupath.training.dataset.CropSource`:
 crops in memory or a zarr store read batch by batch, the next batch being read
-in a background thread while the model trains on the current one.
+in a background thread while the model trains on the current one. Every batch
+carries each cell's centre in its crops, and the model pools the cell's
+features around those centres, as the engine's exact mode does.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from nuclass_qupath.model.config import ModelConfig
 from nuclass_qupath.model.io import save_model
 from nuclass_qupath.model.nuclass import NuClass, nuclass_loss
 from nuclass_qupath.training.augment import augment_pair
+from nuclass_qupath.training.crops import CropBatch
 from nuclass_qupath.training.dataset import CropSource
 
 logger = logging.getLogger(__name__)
@@ -134,21 +137,36 @@ def balanced_epoch_order(labels: np.ndarray, rng: np.random.Generator) -> np.nda
     return rng.choice(len(labels), size=len(labels), replace=True, p=weights / weights.sum())
 
 
-def _prefetched(source: CropSource, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+def _prefetched(source: CropSource, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, CropBatch]]:
     """Yield ``(index, source.get_batch(index))`` for each batch, reading the next one in a background thread."""
     if not batches:
         return
     with ThreadPoolExecutor(1) as reader:
         future = reader.submit(source.get_batch, batches[0])
         for i, index in enumerate(batches):
-            images = future.result()
+            batch = future.result()
             if i + 1 < len(batches):
                 future = reader.submit(source.get_batch, batches[i + 1])
-            yield index, images
+            yield index, batch
+
+
+def batch_tensors(batch: CropBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return a batch as the model's inputs: uint8 (B, 3, H, W) crops and contexts, float32 (B, 2) centres."""
+    return (
+        torch.from_numpy(np.ascontiguousarray(batch.local)).permute(0, 3, 1, 2),
+        torch.from_numpy(np.ascontiguousarray(batch.context)).permute(0, 3, 1, 2),
+        torch.from_numpy(np.ascontiguousarray(batch.local_centres_px, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(batch.context_centres_px, dtype=np.float32)),
+    )
 
 
 def predict_crop_set(model: NuClass, crops: CropSource, batch_size: int = 64, calibrated: bool = True) -> dict[str, np.ndarray]:
-    """Run the model on every crop; return probabilities of the mixture and both paths, gates and logits."""
+    """Run the model on every crop; return probabilities of the mixture and both paths, gates and logits.
+
+    Each cell's features are pooled around its centre in its crops, so the
+    outputs equal those of the engine's exact mode on the same cells, up to
+    float rounding.
+    """
     model.eval()
     previous = model.calibrated
     model.calibrated = calibrated
@@ -157,10 +175,8 @@ def predict_crop_set(model: NuClass, crops: CropSource, batch_size: int = 64, ca
     try:
         with torch.inference_mode():
             batches = [np.arange(start, min(start + batch_size, len(crops))) for start in range(0, len(crops), batch_size)]
-            for _, (local_np, context_np) in _prefetched(crops, batches):
-                local = torch.from_numpy(local_np).permute(0, 3, 1, 2)
-                context = torch.from_numpy(context_np).permute(0, 3, 1, 2)
-                result = model(local, context)
+            for _, batch in _prefetched(crops, batches):
+                result = model(*batch_tensors(batch))
                 for k in keys:
                     out[k].append(getattr(result, k).float().numpy())
     finally:
@@ -242,13 +258,13 @@ def train_model(
             iterator = progress(iterator, f"epoch {epoch}/{len(plan)} ({stage})", len(batches))
         started = time.perf_counter()
         losses = []
-        for index, (local_np, context_np) in iterator:
-            local = torch.from_numpy(local_np).permute(0, 3, 1, 2)
-            context = torch.from_numpy(context_np).permute(0, 3, 1, 2)
-            local, context = augment_pair(local, context, generator)
+        for index, batch in iterator:
+            augmented = augment_pair(*batch_tensors(batch), generator)
             targets = torch.from_numpy(train_set.labels[index])
             weight = torch.from_numpy(train_set.weights[index]) if options.use_label_confidence else None
-            output = model(local, context)
+            output = model(
+                augmented.local, augmented.context, augmented.local_centres_px, augmented.context_centres_px
+            )
             loss, parts = nuclass_loss(output, targets, gamma=config.gamma, sample_weight=weight, terms=terms)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
