@@ -344,3 +344,21 @@ def test_low_memory_job_matches_table_job(tmp_path, cmu1_path, shared_data, smal
     assert streamed[1] == table[1]
     assert streamed[0].metadata["engine"]["low_memory"] is True
     assert table[0].metadata["engine"]["low_memory"] is False
+
+
+def test_bf16_is_checked_against_fp32(cmu1_path, cmu1_qupath_cells, small_model):
+    # bf16 runs emulated on CPUs without native support: slow, but the same numbers.
+    classifier = SlideClassifier(small_model, fast_options(precision="bf16"))
+    assert classifier.precision == "bf16"
+    cells = cells_in_window(cmu1_qupath_cells, 900, 1500, 150)
+    with open_slide(cmu1_path) as slide:
+        reduced = classifier.classify(slide, cells)
+        full = classify_slide(slide, cells, small_model, options=fast_options())
+    assert np.abs(reduced.probs - full.probs).max() < 0.05
+
+
+def test_bf16_falls_back_to_fp32_when_it_changes_probabilities(small_model, monkeypatch):
+    import nuclass_qupath.engine.classify as engine_classify
+
+    monkeypatch.setattr(engine_classify, "BF16_TOLERANCE", 0.0)
+    assert SlideClassifier(small_model, fast_options(precision="bf16")).precision == "fp32"

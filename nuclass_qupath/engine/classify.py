@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from nuclass_qupath.cells.table import CellTable
-from nuclass_qupath.engine.encoders import optimize_encoder, stage_timer
+from nuclass_qupath.engine.encoders import BF16_TOLERANCE, bf16_difference, optimize_encoder, stage_timer
 from nuclass_qupath.engine.predictions import Predictions
 from nuclass_qupath.errors import CellsError
 from nuclass_qupath.model.nuclass import NuClass, NuClassOutput, centred_boxes
@@ -74,7 +74,10 @@ class EngineOptions:
         Cells per forward pass in exact mode, and for cells of sparse cores.
     precision
         ``bf16`` autocast, ``fp32``, or ``auto``: bf16 only where the CPU has
-        native bf16 instructions. Emulated bf16 is many times slower.
+        native bf16 instructions. Emulated bf16 is many times slower. bf16 is
+        checked against fp32 when the classifier is built, and replaced by
+        fp32 if it moves a class probability by more than
+        :data:`~nuclass_qupath.engine.encoders.BF16_TOLERANCE`.
     channels_last
         Run convolutions on NHWC tensors.
     optimize
@@ -372,10 +375,27 @@ class SlideClassifier:
         _warn_if_overloaded()
         if self.options.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.precision == "bf16":
+            self.precision = self._checked_bf16()
         sample_px = cell_crop_size(self.config.local_crop_px, self.config.local_margin_px, model.local_encoder.stride)
         use_graph = self.options.optimize and self.precision == "fp32"
         self.local_encoder = optimize_encoder(model.local_encoder, sample_px, self.options.channels_last, use_graph)
         self.global_encoder = optimize_encoder(model.global_encoder, sample_px, self.options.channels_last, use_graph)
+
+    def _checked_bf16(self) -> str:
+        """Return ``bf16`` when autocast keeps the model's probabilities within tolerance of fp32, else ``fp32``."""
+        cfg = self.config
+        local_px = cell_crop_size(cfg.local_crop_px, cfg.local_margin_px, self.model.local_encoder.stride)
+        context_px = cell_crop_size(cfg.context_encoder_px, cfg.context_margin_px, self.model.global_encoder.stride)
+        difference = bf16_difference(self.model, local_px, context_px, self.options.channels_last)
+        if difference > BF16_TOLERANCE:
+            logger.warning(
+                "bf16 autocast moves class probabilities by up to %.3f against fp32 (tolerance %.2f), so the "
+                "engine runs in fp32", difference, BF16_TOLERANCE,
+            )
+            return "fp32"
+        logger.info("bf16 autocast checked against fp32: largest probability difference %.4f", difference)
+        return "bf16"
 
     # Public API -------------------------------------------------------------
 

@@ -97,3 +97,33 @@ def optimize_encoder(encoder: nn.Module, sample_px: int, channels_last: bool, en
 
 def _name(encoder: nn.Module) -> str:
     return str(getattr(encoder, "name", type(encoder).__name__))
+
+
+# Largest difference in any class probability allowed between bf16 autocast
+# and fp32 on the check input. bf16 keeps 8 bits of mantissa, which moves
+# probabilities by about 1e-3 to 1e-2 in EfficientNet-Lite; more means a layer
+# does not tolerate it.
+BF16_TOLERANCE = 0.05
+
+
+def bf16_difference(model: nn.Module, local_px: int, context_px: int, channels_last: bool) -> float:
+    """Return the largest class-probability difference between bf16 autocast and fp32 on a fixed input.
+
+    The input is smooth random noise, two cells per path, ``local_px`` and
+    ``context_px`` pixels a side; the same seed gives the same input, so the
+    check is reproducible.
+    """
+    generator = torch.Generator().manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def image(size: int) -> torch.Tensor:
+        coarse = torch.rand(2, 3, size // 8 + 1, size // 8 + 1, generator=generator) * 255
+        fine = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+        return fine.to(torch.uint8).contiguous(memory_format=memory_format)
+
+    local, context = image(local_px), image(context_px)
+    with torch.inference_mode():
+        reference = model(local, context).probs.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced = model(local, context).probs.float()
+    return float((reference - reduced).abs().max())
