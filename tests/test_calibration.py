@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ from evaluation_fixtures import (  # noqa: F401
 from nuclass_qupath.errors import CellsError
 from nuclass_qupath.evaluation.metrics import expected_calibration_error
 from nuclass_qupath.model import NuClass, load_model, save_model
+from nuclass_qupath.model.config import Temperatures
 from nuclass_qupath.model.calibration import (
     PATHS,
     fit_output_temperatures,
@@ -27,7 +29,6 @@ from nuclass_qupath.model.calibration import (
     scaled_nll,
     uncalibrated_outputs,
 )
-from nuclass_qupath.training.dataset import CropSet
 from nuclass_qupath.training.trainer import predict_crop_set
 
 
@@ -79,6 +80,20 @@ def test_fit_temperature_rejects_non_finite_logits():
     logits[2, 1] = np.nan
     with pytest.raises(ValueError, match="1 rows of logits are not finite"):
         fit_temperature(logits, np.zeros(4, dtype=int))
+
+
+def test_fit_scores_before_with_given_temperatures():
+    logits = np.random.default_rng(7).normal(0, 2, size=(400, 3))
+    labels = sample_labels(logits, 1.5, seed=8)
+    outputs = {"local": logits, "global": 2 * logits, "mixture": logits / 2}
+    before = Temperatures(local=3.0, global_=0.5, mixture=1.0)
+    result = fit_output_temperatures(outputs, labels, before=before)
+    assert result.temperatures_before == before
+    assert result.nll_before["local"] == pytest.approx(scaled_nll(logits, labels, 3.0))
+    assert result.nll_before["global"] == pytest.approx(scaled_nll(2 * logits, labels, 0.5))
+    assert result.nll_before["mixture"] == pytest.approx(scaled_nll(logits / 2, labels, 1.0))
+    assert "T before" in result.format_table()
+    assert result.as_dict()["paths"]["local"]["temperature_before"] == 3.0
 
 
 def test_fit_output_temperatures_rejects_missing_output():
@@ -184,7 +199,7 @@ def test_overconfident_model_gets_temperature_above_one(nucls_dir, nucls_work_di
 def test_fit_temperatures_rejects_other_classes(nucls_dir, holdout):
     _, _, crops = holdout
     model = NuClass(tiny_config(nucls_class_names(nucls_dir)))
-    renamed = CropSet(crops.local, crops.context, crops.labels, crops.weights, crops.groups, ["a", "b", "c", "d"])
+    renamed = dataclasses.replace(crops, class_names=["a", "b", "c", "d"])
     with pytest.raises(CellsError, match="'a', 'b', 'c', 'd'"):
         fit_temperatures(model, renamed)
 
@@ -194,6 +209,24 @@ def test_fit_temperatures_rejects_empty_cells(nucls_dir, holdout):
     model = NuClass(tiny_config(nucls_class_names(nucls_dir)))
     with pytest.raises(CellsError, match="no labelled cells"):
         fit_temperatures(model, crops.subset(np.zeros(len(crops), dtype=bool)))
+
+
+@pytest.mark.slow
+def test_refit_reports_previous_temperatures(calibrated_run):
+    # A second fit starts from the first fit's temperatures, so its "before" is the first fit's "after".
+    model, crops, first, _, _ = calibrated_run
+    refit = model_copy_with_temperatures(model, first.temperatures)
+    second = fit_temperatures(refit, crops)
+    assert second.temperatures_before == first.temperatures
+    for path in PATHS:
+        assert second.nll_before[path] == pytest.approx(first.nll_after[path], abs=1e-9), path
+        assert second.ece_before[path] == pytest.approx(first.ece_after[path], abs=1e-9), path
+
+
+def model_copy_with_temperatures(model: NuClass, temperatures: Temperatures) -> NuClass:
+    copy = NuClass(model.config.model_copy(update={"temperatures": temperatures}))
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -25,7 +26,6 @@ from nuclass_qupath.evaluation.metrics import classification_report, expected_ca
 from nuclass_qupath.evaluation.report import PATH_TITLES, evaluate_model, evaluation_from_outputs, write_report
 from nuclass_qupath.model import NuClass, save_model
 from nuclass_qupath.model.config import Temperatures
-from nuclass_qupath.training.dataset import CropSet
 from nuclass_qupath.training.trainer import predict_crop_set
 
 # Keys of predict_crop_set's probabilities for each report path.
@@ -218,7 +218,7 @@ def test_report_html_embeds_the_figures(report_run):
 def test_evaluate_model_rejects_other_classes(nucls_dir, nucls_work_dir):
     _, _, crops = nucls_set(nucls_dir, "holdout", nucls_work_dir)
     model = NuClass(tiny_config(nucls_class_names(nucls_dir)))
-    renamed = CropSet(crops.local, crops.context, crops.labels, crops.weights, crops.groups, ["a", "b", "c", "d"])
+    renamed = dataclasses.replace(crops, class_names=["a", "b", "c", "d"])
     with pytest.raises(CellsError, match="the model predicts"):
         evaluate_model(model, renamed)
 

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
             "CSV named after the images in --images) or in the --groups of a training-set store. Use cells the "
             "model was not trained on. Writes a new model "
             "(OUTPUT.safetensors and OUTPUT.json) whose 'NuClass: confidence' is calibrated; the input model is "
-            "left unchanged unless OUTPUT names it. Prints the expected calibration error before and after."
+            "left unchanged unless OUTPUT names it. Prints the expected calibration error and NLL before (with the "
+            "model's temperatures until now, 1.0 if it was never calibrated) and after (with the fitted ones)."
         ),
     )
     parser.add_argument("--model", type=Path, help="model .safetensors file (default: the bundled demonstration model)")

@@ -39,12 +39,16 @@ class CalibrationResult:
     """Fitted temperatures and the calibration of each output before and after.
 
     The dictionaries are keyed by output: ``"local"``, ``"global"`` and
-    ``"mixture"`` (the gated prediction). ECE is the expected calibration
-    error of the top-class confidence in 15 equal-width bins; NLL is the mean
-    negative log-likelihood of the true class, in nats per cell.
+    ``"mixture"`` (the gated prediction). "Before" is the model as it was,
+    with its own temperatures ``temperatures_before`` (all 1.0 for a model
+    never calibrated); "after" uses the fitted ``temperatures``. ECE is the
+    expected calibration error of the top-class confidence in 15 equal-width
+    bins; NLL is the mean negative log-likelihood of the true class, in nats
+    per cell.
     """
 
     temperatures: Temperatures
+    temperatures_before: Temperatures = field(default_factory=Temperatures)
     ece_before: dict[str, float] = field(default_factory=dict)
     ece_after: dict[str, float] = field(default_factory=dict)
     nll_before: dict[str, float] = field(default_factory=dict)
@@ -53,7 +57,11 @@ class CalibrationResult:
 
     def temperature(self, path: str) -> float:
         """Fitted temperature of ``path`` (``local``, ``global`` or ``mixture``)."""
-        return self.temperatures.global_ if path == "global" else getattr(self.temperatures, path)
+        return path_temperature(self.temperatures, path)
+
+    def temperature_before(self, path: str) -> float:
+        """Temperature of ``path`` that the model had before the fit."""
+        return path_temperature(self.temperatures_before, path)
 
     def as_dict(self) -> dict:
         return {
@@ -61,6 +69,7 @@ class CalibrationResult:
             "fitted_on": self.temperatures.fitted_on,
             "paths": {
                 path: {
+                    "temperature_before": round(self.temperature_before(path), 4),
                     "temperature": round(self.temperature(path), 4),
                     "ece_before": round(self.ece_before[path], 4),
                     "ece_after": round(self.ece_after[path], 4),
@@ -72,13 +81,23 @@ class CalibrationResult:
         }
 
     def format_table(self) -> str:
-        lines = ["output   temperature  ECE before  ECE after  NLL before  NLL after"]
+        """Return a text table of each output's temperatures, ECE and NLL before and after the fit."""
+        lines = [
+            "before: the model's temperatures until now; after: the fitted temperatures",
+            "output   T before  T after  ECE before  ECE after  NLL before  NLL after",
+        ]
         for path in PATHS:
             lines.append(
-                f"{path:<8} {self.temperature(path):11.3f}  {self.ece_before[path]:10.4f}  "
-                f"{self.ece_after[path]:9.4f}  {self.nll_before[path]:10.4f}  {self.nll_after[path]:9.4f}"
+                f"{path:<8} {self.temperature_before(path):8.3f}  {self.temperature(path):7.3f}  "
+                f"{self.ece_before[path]:10.4f}  {self.ece_after[path]:9.4f}  "
+                f"{self.nll_before[path]:10.4f}  {self.nll_after[path]:9.4f}"
             )
         return "\n".join(lines)
+
+
+def path_temperature(temperatures: Temperatures, path: str) -> float:
+    """Return the temperature of output ``path`` (``local``, ``global`` or ``mixture``)."""
+    return temperatures.global_ if path == "global" else getattr(temperatures, path)
 
 
 def scaled_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
@@ -155,26 +174,34 @@ def describe_crop_set(crops) -> str:
 
 
 def fit_output_temperatures(
-    logits: Mapping[str, np.ndarray], labels: np.ndarray, *, fitted_on: str | None = None, n_bins: int = 15
+    logits: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    *,
+    fitted_on: str | None = None,
+    n_bins: int = 15,
+    before: Temperatures | None = None,
 ) -> CalibrationResult:
     """Fit one temperature per output from uncalibrated logits; see :func:`fit_temperatures`.
 
     ``logits`` maps ``"local"``, ``"global"`` and ``"mixture"`` to (N, C)
     arrays as :func:`uncalibrated_outputs` returns them; ``labels`` (N,) are
-    class indices.
+    class indices. The "before" scores use the temperatures ``before``
+    (default all 1.0, the uncalibrated outputs).
     """
+    before = before or Temperatures()
     labels = np.asarray(labels, dtype=np.int64)
     missing = [path for path in PATHS if path not in logits]
     if missing:
         raise ValueError(f"logits lack the outputs {missing}; expected keys {list(PATHS)}")
     fitted: dict[str, float] = {}
-    result = CalibrationResult(temperatures=Temperatures(), n_cells=len(labels))
+    result = CalibrationResult(temperatures=Temperatures(), temperatures_before=before, n_cells=len(labels))
     for path in PATHS:
         temperature = fit_temperature(logits[path], labels)
         fitted[path] = temperature
-        result.nll_before[path] = scaled_nll(logits[path], labels, 1.0)
+        previous = path_temperature(before, path)
+        result.nll_before[path] = scaled_nll(logits[path], labels, previous)
         result.nll_after[path] = scaled_nll(logits[path], labels, temperature)
-        result.ece_before[path] = expected_calibration_error(scaled_probs(logits[path], 1.0), labels, n_bins)
+        result.ece_before[path] = expected_calibration_error(scaled_probs(logits[path], previous), labels, n_bins)
         result.ece_after[path] = expected_calibration_error(scaled_probs(logits[path], temperature), labels, n_bins)
     result.temperatures = Temperatures(
         local=fitted["local"], global_=fitted["global"], mixture=fitted["mixture"], fitted_on=fitted_on
@@ -192,8 +219,9 @@ def fit_temperatures(model: NuClass, crops, *, fitted_on: str | None = None, n_b
         fitted values, so :func:`~nuclass_qupath.model.io.save_model` stores
         them and every later prediction with ``model.calibrated`` set uses them.
     crops
-        A :class:`~nuclass_qupath.training.dataset.CropSet` of validation
-        cells, never the cells the model was trained on.
+        A :class:`~nuclass_qupath.training.dataset.CropSource` (in-memory
+        crops or a store's cells) of validation cells, never the cells the
+        model was trained on.
     fitted_on
         Description stored with the temperatures; by default the cell counts
         and image names of ``crops``.
@@ -203,7 +231,8 @@ def fit_temperatures(model: NuClass, crops, *, fitted_on: str | None = None, n_b
     Returns
     -------
     CalibrationResult
-        The temperatures, and ECE and NLL of each output before and after.
+        The temperatures, and ECE and NLL of each output before (with the
+        model's temperatures until now) and after.
 
     Raises
     ------
@@ -219,14 +248,19 @@ def fit_temperatures(model: NuClass, crops, *, fitted_on: str | None = None, n_b
         )
     logits = uncalibrated_outputs(model, crops)
     result = fit_output_temperatures(
-        logits, crops.labels, fitted_on=fitted_on or describe_crop_set(crops), n_bins=n_bins
+        logits,
+        crops.labels,
+        fitted_on=fitted_on or describe_crop_set(crops),
+        n_bins=n_bins,
+        before=model.config.temperatures.model_copy(),
     )
     model.config.temperatures = result.temperatures
     logger.info(
         "fitted temperatures on %d cells: %s",
         result.n_cells,
         ", ".join(
-            f"{path} T={result.temperature(path):.3f} (ECE {result.ece_before[path]:.3f} -> {result.ece_after[path]:.3f})"
+            f"{path} T {result.temperature_before(path):.3f} -> {result.temperature(path):.3f} "
+            f"(ECE {result.ece_before[path]:.3f} -> {result.ece_after[path]:.3f})"
             for path in PATHS
         ),
     )
