@@ -228,7 +228,7 @@ def test_store_crops_equal_engine_exact_crops(cmu1_store, cmu1_path):
             assert np.array_equal(stored.context_centres_px[row], context_centre.astype(np.float32)), row
 
 
-def test_store_centres_lie_within_one_stride_of_crop_centre(cmu1_store):
+def test_store_centres_within_one_stride(cmu1_store):
     local = cmu1_store.cell_array("local_centre_px")
     context = cmu1_store.cell_array("context_centre_px")
     # The crop starts on the stride grid at or before window/2 + margin left of the cell.
@@ -421,7 +421,7 @@ def test_crop_set_rejects_other_geometry():
 
 
 def test_crop_set_rejects_other_stride():
-    # A crop set that knows its geometry names the differing stride.
+    # A crop set that carries its geometry names the differing stride.
     centres = np.full((1, 2), 40.0, np.float32)
     crops = CropSet(
         np.zeros((1, LOCAL_PX, LOCAL_PX, 3), np.uint8), np.zeros((1, CONTEXT_PX, CONTEXT_PX, 3), np.uint8),
