@@ -22,11 +22,13 @@ from shapely.geometry import shape
 from nuclass_qupath.cells.geojson import (
     GeoJSONWriter,
     check_cells_in_image,
+    geometry_to_geojson,
     iter_geojson_features,
     prediction_feature,
     read_cells_geojson,
     write_features,
 )
+from nuclass_qupath.cells.geojson_write import polygons_to_geojson
 from nuclass_qupath.errors import CellsError
 
 CMU1_EXPORT = "qupath/cmu1_cells/export/CMU-1-Small-Region.svs.geojson"
@@ -691,3 +693,165 @@ def test_qupath_imports_written_features(cmu1_cells, tmp_path):
     assert point.getROI().isPoint()
     assert str(point.getPathClass()) == "Tumor: Positive"
     assert str(point.getID()) == "9b0c6a43-3c1f-4f7e-9e55-1b8f5b7d2a10"
+
+
+# Preformatted coordinates from polygons_to_geojson
+
+
+def _plain_lists(value):
+    """Return GeoJSON coordinates as nested plain lists, without any stored JSON text."""
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):
+        return [_plain_lists(item) for item in value]
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _edge_polygons(cmu1_cells) -> list:
+    """CMU-1 nuclei from QuPath's export, plus polygons with signs, holes, zeros and huge values."""
+    rng = np.random.default_rng(7)
+    polygons = [g for g in cmu1_cells.geometries[:300]]
+    polygons += [shapely.Polygon(rng.normal(size=(12, 2)) * scale).convex_hull for scale in (1e-3, 0.5, 1e6, 1e12, 1e16)]
+    polygons.append(shapely.box(-0.004, -0.001, 0.003, 0.004))  # rounds to -0.0 and 0.0
+    polygons.append(shapely.box(-10.005, -0.125, 99999.995, 10.015))
+    polygons.append(shapely.Polygon([(0, 0), (10, 0), (10, 10), (0, 10)], [[(2, 2), (3, 2), (3, 3)], [(5, 5), (6, 5), (6, 6.125)]]))
+    return polygons
+
+
+@pytest.mark.parametrize("decimals", [0, 1, 2, 3, 4])
+def test_polygon_text_matches_json_dumps(cmu1_cells, decimals):
+    polygons = _edge_polygons(cmu1_cells)
+    converted = polygons_to_geojson(polygons, decimals)
+    for polygon, geometry in zip(polygons, converted):
+        coordinates = geometry["coordinates"]
+        exterior = np.round(shapely.get_coordinates(polygon.exterior), decimals)
+        np.testing.assert_array_equal(np.asarray(coordinates[0]), exterior)
+        text = coordinates.json_text()
+        largest = np.abs(shapely.get_coordinates(polygon)).max()
+        if largest < 1e9:
+            assert text is not None
+        if largest > 1e15:
+            assert text is None
+        if text is not None:
+            assert text == json.dumps(_plain_lists(coordinates), separators=(",", ":"))
+
+
+def test_polygon_text_left_out_beyond_four_decimals(cmu1_cells):
+    converted = polygons_to_geojson(cmu1_cells.geometries[:5], decimals=5)
+    assert [g["coordinates"].json_text() for g in converted] == [None] * 5
+
+
+def _detector_features(cmu1_cells, count: int) -> list[dict]:
+    """Features as the engine builds them for detected nuclei: polygon, class with colour, NuClass measurements."""
+    polygons = polygons_to_geojson(cmu1_cells.geometries[:count])
+    features = []
+    for i, geometry in enumerate(polygons):
+        features.append(
+            {
+                "type": "Feature",
+                "id": cmu1_cells.ids[i],
+                "geometry": geometry,
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": "Tumor" if i % 3 else "Stroma", "color": [200, 0, 0] if i % 3 else [150, 200, 150]},
+                    "measurements": {"NuClass: confidence": round(0.5 + i / 1000, 5), "NuClass: p(Tumor)": round(i / 997, 5)},
+                },
+            }
+        )
+    return features
+
+
+@pytest.mark.parametrize("suffix", [".geojson", ".geojson.gz"])
+def test_writer_text_path_same_bytes_as_encoder(cmu1_cells, tmp_path, suffix):
+    features = _detector_features(cmu1_cells, 400)
+    plain = copy.deepcopy(features)
+    for feature in plain:
+        feature["geometry"]["coordinates"] = _plain_lists(feature["geometry"]["coordinates"])
+    # Same file name, because gzip stores it in its header.
+    fast, slow = tmp_path / "fast" / f"cells{suffix}", tmp_path / "slow" / f"cells{suffix}"
+    write_features(fast, features)
+    write_features(slow, plain)
+    assert fast.read_bytes() == slow.read_bytes()
+
+
+def test_writer_round_trip_detector_features(cmu1_cells, tmp_path):
+    features = _detector_features(cmu1_cells, 500)
+    out = tmp_path / "detections.geojson.gz"
+    assert write_features(out, features) == 500
+
+    back = read_cells_geojson(out)
+    assert back.ids == [f["id"] for f in features]
+    assert back.labels == [f["properties"]["classification"]["name"] for f in features]
+    for i, feature in enumerate(features):
+        assert back.features[i]["properties"]["measurements"] == feature["properties"]["measurements"]
+        assert back.features[i]["properties"]["classification"] == feature["properties"]["classification"]
+        assert back.geometries[i].equals_exact(cmu1_cells.geometries[i], 0.005)
+        assert back.features[i]["geometry"]["coordinates"] == _plain_lists(feature["geometry"]["coordinates"])
+
+
+def test_writer_uses_edited_coordinates(cmu1_cells, tmp_path):
+    features = _detector_features(cmu1_cells, 2)
+    coordinates = features[0]["geometry"]["coordinates"]
+    coordinates[0] = ((1.5, 2.0), (10.0, 2.0), (10.0, 9.25), (1.5, 2.0))
+    out = tmp_path / "edited.geojson"
+    write_features(out, features)
+    written = _reread_raw(out)
+    assert written[0]["geometry"]["coordinates"] == [[[1.5, 2.0], [10.0, 2.0], [10.0, 9.25], [1.5, 2.0]]]
+    assert written[1]["geometry"]["coordinates"] == _plain_lists(features[1]["geometry"]["coordinates"])
+
+
+def test_writer_keeps_nul_in_property_strings(cmu1_cells, tmp_path):
+    features = _detector_features(cmu1_cells, 1)
+    features[0]["properties"]["name"] = "a\x00b"
+    out = tmp_path / "nul.geojson"
+    write_features(out, features)
+    written = _reread_raw(out)[0]
+    assert written["properties"]["name"] == "a\x00b"
+    assert written["geometry"]["coordinates"] == _plain_lists(features[0]["geometry"]["coordinates"])
+
+
+def test_writer_rejects_circular_feature(tmp_path):
+    properties: dict = {"objectType": "detection"}
+    properties["self"] = properties
+    feature = {"type": "Feature", "id": "loop", "geometry": _square(0, 0), "properties": properties}
+    with pytest.raises(CellsError, match="feature loop contains a circular reference"):
+        write_features(tmp_path / "loop.geojson", [feature])
+    assert not (tmp_path / "loop.geojson").exists()
+
+
+def test_writer_gzip_reproducible_with_final_name(cmu1_cells, tmp_path):
+    features = _detector_features(cmu1_cells, 50)
+    first, second = tmp_path / "a" / "cells.geojson.gz", tmp_path / "b" / "cells.geojson.gz"
+    write_features(first, features)
+    write_features(second, features)
+    raw = first.read_bytes()
+    assert raw == second.read_bytes()
+    # gzip header: flags byte 3 has FNAME (8), the name starts at byte 10.
+    assert raw[3] & 8
+    assert raw[10 : 10 + len(b"cells.geojson\x00")] == b"cells.geojson\x00"
+
+
+def test_writer_compresslevel_trades_size_for_time(cmu1_cells, tmp_path):
+    features = _detector_features(cmu1_cells, 400)
+    sizes = {}
+    for level in (1, 9):
+        out = tmp_path / f"level{level}.geojson.gz"
+        with GeoJSONWriter(out, compresslevel=level) as writer:
+            for feature in features:
+                writer.write(feature)
+        sizes[level] = out.stat().st_size
+        assert len(_reread_raw(out)) == 400
+    assert sizes[9] < sizes[1]
+    with pytest.raises(ValueError, match="compresslevel must be 0-9, got 11"):
+        with GeoJSONWriter(tmp_path / "bad.geojson.gz", compresslevel=11):
+            pass
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_geojson.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--cells", "5000", "--out", str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert "equal the engine's batch_features" in result.stdout
+    assert "geojson.gz" in result.stdout
+    assert result.stdout.count(": parsed") == 2
+    assert list(tmp_path.iterdir()) == []
