@@ -213,6 +213,25 @@ def test_outlines_are_valid_and_hold_their_centroid(cmu1_slide):
     assert areas_um2.max() <= 400.0
 
 
+def test_outlines_clipped_at_image_edge(cmu1_slide):
+    # Nuclei cut by the bottom edge of CMU-1 were traced up to 1 px past it.
+    width, height = cmu1_slide.width, cmu1_slide.height
+    cells = detect_nuclei(cmu1_slide, region_px=(1100, height - 200, 400, 200))
+    polygons = np.array(cells.geometries, dtype=object)
+    bounds = shapely.bounds(polygons)
+    assert len(cells) > 20
+    assert all(g.geom_type == "Polygon" for g in polygons)
+    assert shapely.is_valid(polygons).all()
+    assert bounds[:, 0].min() >= 0
+    assert bounds[:, 1].min() >= 0
+    assert bounds[:, 2].max() <= width
+    assert bounds[:, 3].max() <= height
+    on_edge = bounds[:, 3] == height
+    assert on_edge.sum() >= 2
+    # A clipped outline still contains its nucleus centroid, which lies in the image.
+    assert shapely.contains_xy(polygons[on_edge], *cells.centroids_px[on_edge].T).all()
+
+
 def test_ids_are_unique_uuids(cmu1_slide):
     cells = detect_nuclei(cmu1_slide, region_px=(900, 1500, 300, 300))
     assert len(set(cells.ids)) == len(cells)

@@ -479,11 +479,33 @@ def _polygons(xy: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     polygons[lengths < 3] = None
     invalid = np.flatnonzero(~shapely.is_valid(polygons) & (lengths >= 3))
     for i in invalid:
-        repaired = shapely.make_valid(polygons[i])
-        parts = [repaired] if repaired.geom_type == "Polygon" else [
-            g for g in getattr(repaired, "geoms", []) if g.geom_type == "Polygon"
-        ]
-        polygons[i] = max(parts, key=lambda g: g.area) if parts else None
+        polygons[i] = _largest_polygon(shapely.make_valid(polygons[i]))
+    return polygons
+
+
+def _largest_polygon(geometry) -> Polygon | None:
+    """Return the polygon of largest area in a valid geometry, or None when it has no polygon of non-zero area."""
+    parts = [geometry] if geometry.geom_type == "Polygon" else [
+        g for g in getattr(geometry, "geoms", []) if g.geom_type == "Polygon"
+    ]
+    parts = [g for g in parts if g.area > 0]
+    return max(parts, key=lambda g: g.area) if parts else None
+
+
+def _clip_to_image(polygons: np.ndarray, width_px: float, height_px: float) -> np.ndarray:
+    """Clip outlines to the image rectangle ``[0, width_px] x [0, height_px]`` in level-0 pixels.
+
+    Outlines of nuclei cut by the image edge can reach about one detection
+    pixel past it (up to 1.4 level-0 px on the bottom edge of CMU-1). Each
+    clipped outline stays one valid Polygon, the largest part if clipping
+    splits it, or None if nothing is left.
+    """
+    bounds = shapely.bounds(polygons)  # NaN rows for None, which compare False
+    outside = (bounds[:, 0] < 0) | (bounds[:, 1] < 0) | (bounds[:, 2] > width_px) | (bounds[:, 3] > height_px)
+    if outside.any():
+        clipped = shapely.intersection(polygons[outside], shapely.box(0.0, 0.0, width_px, height_px))
+        for row, geometry in zip(np.flatnonzero(outside), clipped):
+            polygons[row] = _largest_polygon(geometry)
     return polygons
 
 
@@ -613,7 +635,8 @@ def detect_nuclei(
     -------
     CellTable
         One row per nucleus: a new UUID, the centroid of its pixels and its
-        outline polygon, both in level-0 pixels of QuPath's frame. Empty when
+        outline polygon (clipped to the image), both in level-0 pixels of
+        QuPath's frame. Empty when
         the region contains no nuclei.
     """
     x0, y0, width, height = _validate(region_px, slide, detection_mpp, background_radius_um, sigma_um, threshold_od,
@@ -664,7 +687,7 @@ def detect_nuclei(
             processed += 1
             labels, good = _detect_tile(rgb, params)
             _collect(labels, good, overlap_px, core_w, core_h, (read_x, read_y), downsample,
-                     (x0, y0, width, height), ids, centroids, outlines)
+                     (x0, y0, width, height), (slide.width, slide.height), ids, centroids, outlines)
         if progress is not None:
             progress(done, len(tiles))
 
@@ -686,8 +709,14 @@ def _has_tissue(mask: np.ndarray, mask_downsample: float, x: float, y: float, w:
     return bool(mask[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)].any())
 
 
-def _collect(labels, good, overlap_px, core_w, core_h, read_xy, downsample, region, ids, centroids, polygons):
-    """Append the nuclei whose centroid lies in the tile core (and the region) to the output lists."""
+def _collect(labels, good, overlap_px, core_w, core_h, read_xy, downsample, region, image_size, ids, centroids,
+             polygons):
+    """Append the nuclei whose centroid lies in the tile core (and the region) to the output lists.
+
+    Outlines are clipped to the image of size ``image_size`` (level-0 width,
+    height), not to the region: a nucleus that the region owns keeps the part
+    of its outline outside the region.
+    """
     if good.size == 0:
         return
     rows, cols = np.nonzero(labels)
@@ -712,7 +741,8 @@ def _collect(labels, good, overlap_px, core_w, core_h, read_xy, downsample, regi
     traced, xy, offsets = _trace_outlines(np.where(selected[labels], labels, 0))
     xy = xy * downsample + np.asarray(read_xy)
     centre_by_label = {int(label): (x, y) for label, x, y in zip(good, x_px, y_px)}
-    for label, polygon in zip(traced.tolist(), _polygons(xy, offsets)):
+    outlines = _clip_to_image(_polygons(xy, offsets), *image_size)
+    for label, polygon in zip(traced.tolist(), outlines):
         if polygon is None or polygon.is_empty:
             continue
         ids.append(str(uuid.uuid4()))
