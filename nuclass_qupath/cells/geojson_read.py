@@ -494,8 +494,8 @@ def read_cells_geojson(
         requested_types = {"detection", "cell"} if has_cells else {"annotation"}
         if has_cells and type_counts["annotation"]:
             logger.info(
-                "%s: ignored %d annotations because the file has detections or cells; "
-                "pass object_types=('annotation',) to read them",
+                "%s: ignored %d annotations because the file has detections or cells; to classify them, "
+                "export the annotations to a file of their own (in Python: object_types=('annotation',))",
                 source,
                 type_counts["annotation"],
             )
@@ -526,10 +526,11 @@ def read_cells_geojson(
         if class_filter is not None:
             labels_present = sorted({str(label) for label in collected.labels})
             message += f"; classes requested: {sorted(class_filter)}, classes present: {labels_present}"
-        raise CellsError(
-            message + "). Export detections, cells or point annotations from QuPath, or choose other "
-            "object_types or class_names"
-        )
+        fix = "Export detections, cells or point annotations from QuPath"
+        if object_types is not None or class_names is not None:
+            # Only Python callers pass these; the CLI reads the default object types and every class.
+            fix += ", or pass other object_types or class_names"
+        raise CellsError(f"{message}). {fix}")
 
     ids = assign_unique_ids((collected.ids[i] for i in rows), source=source)
     table_geometries = [

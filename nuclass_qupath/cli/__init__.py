@@ -3,7 +3,13 @@
 Each command lives in its own module with a ``register(subparsers)`` function
 that adds its parser and sets ``func``. Command modules import heavy libraries
 (torch, openslide, paquo) inside the function that runs the command, so
-``--help`` stays instant.
+``--help`` stays instant. Every command module listed in
+:data:`COMMAND_MODULES` is required: none needs an optional dependency at
+import time, so an ImportError there means a broken installation and is raised.
+
+A command module sets ``ATOMIC_OUTPUT = True`` when every file it writes goes
+through :mod:`nuclass_qupath._atomic`; Ctrl-C then reports that no partial
+output was written.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import sys
 
 from nuclass_qupath import __version__
+from nuclass_qupath.cli._progress import close_progress_bars
 from nuclass_qupath.errors import NuclassError
 
 logger = logging.getLogger("nuclass_qupath")
@@ -48,10 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(f"nuclass_qupath.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"nuclass_qupath.cli.{name}":
-                continue
-            raise
+        except ImportError as exc:
+            raise ImportError(
+                f"the nuclass-qupath command module nuclass_qupath.cli.{name} failed to import ({exc}); "
+                "the installation is incomplete: reinstall nuclass-qupath with its dependencies",
+                name=exc.name,
+            ) from exc
         module.register(subparsers)
     return parser
 
@@ -73,16 +82,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(args.log_level)
     try:
-        result = args.func(args)
+        try:
+            result = args.func(args)
+        finally:
+            # An open bar would redraw itself, or raise, when it is collected at exit.
+            close_progress_bars()
     except NuclassError as exc:
         # Bad input: one clear line, no traceback. --log-level DEBUG shows the cause.
         logger.debug("command failed", exc_info=True)
         print(f"nuclass-qupath {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("nuclass-qupath: interrupted", file=sys.stderr)
+        logger.debug("interrupted", exc_info=True)
+        print(f"nuclass-qupath {args.command}: {interrupt_message(args.func)}", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def interrupt_message(func) -> str:
+    """Return the line printed on Ctrl-C for the command run by ``func``."""
+    module = sys.modules.get(getattr(func, "__module__", ""), None)
+    if getattr(module, "ATOMIC_OUTPUT", False):
+        return "interrupted; no partial output was written"
+    return "interrupted"
 
 
 if __name__ == "__main__":

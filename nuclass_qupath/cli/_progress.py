@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
+from typing import Any
+
+# Bars opened by this module and not closed yet; the CLI closes them when a command ends.
+_open_bars: list[Any] = []
+
+
+def _new_bar(**kwargs: Any) -> Any:
+    from tqdm import tqdm
+
+    bar = tqdm(disable=not sys.stderr.isatty(), leave=False, **kwargs)
+    # tqdm sets ``disable`` when a bar closes, so disabled bars need no closing.
+    _open_bars[:] = [open_bar for open_bar in _open_bars if not open_bar.disable]
+    _open_bars.append(bar)
+    return bar
 
 
 def progress_callback(total: int, description: str) -> Callable[[int], None]:
     """Return a callback that advances a progress bar by the number it is given."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=description, unit="cell", disable=not sys.stderr.isatty(), leave=False)
+    bar = _new_bar(total=total, desc=description, unit="cell")
 
     def advance(n: int) -> None:
         bar.update(n)
@@ -22,6 +34,10 @@ def progress_callback(total: int, description: str) -> Callable[[int], None]:
 
 def progress_iter(iterable: Iterable, description: str, total: int | None = None) -> Iterable:
     """Wrap an iterable in a progress bar."""
-    from tqdm import tqdm
+    return _new_bar(iterable=iterable, desc=description, total=total)
 
-    return tqdm(iterable, desc=description, total=total, disable=not sys.stderr.isatty(), leave=False)
+
+def close_progress_bars() -> None:
+    """Close every bar this module opened, as when a command ends or is interrupted."""
+    while _open_bars:
+        _open_bars.pop().close()

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+
+from nuclass_qupath.cli._args import check_input_file, check_output_dir, mpp_type
+
+
+# Every output file is written through nuclass_qupath._atomic.
+ATOMIC_OUTPUT = True
 
 
 def _xy(text: str) -> tuple[float, float]:
@@ -11,6 +18,8 @@ def _xy(text: str) -> tuple[float, float]:
         x, y = (float(part) for part in text.split(","))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected X,Y in level-0 pixels such as 1200,845, got {text!r}") from exc
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise argparse.ArgumentTypeError(f"X and Y must be finite level-0 pixel coordinates, got {text!r}")
     return x, y
 
 
@@ -35,7 +44,7 @@ def register(subparsers) -> None:
     parser.add_argument("--ids", nargs="+", metavar="ID", help="object ids of the cells in --cells to explain")
     parser.add_argument("--class", dest="target_class", metavar="NAME", help="explain this class instead of the predicted one")
     parser.add_argument(
-        "--mpp", type=float, help="level-0 pixel size in µm/px; overrides the slide's metadata, required when it has none"
+        "--mpp", type=mpp_type(), help="level-0 pixel size in µm/px; overrides the slide's metadata, required when it has none"
     )
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="folder for the panels")
     parser.set_defaults(func=run)
@@ -59,28 +68,36 @@ def select_cells(cells_path: Path, ids: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    import numpy as np
-
-    from nuclass_qupath._atomic import atomic_open
     from nuclass_qupath.errors import CellsError
-    from nuclass_qupath.model.gradcam import explain_cells, panel_file_name, write_explanation_panel
-    from nuclass_qupath.model.io import load_model
-    from nuclass_qupath.slides import open_slide
 
     if args.cells is not None and not args.ids:
         raise CellsError(f"choose the cells of {args.cells} to explain with --ids ID [ID ...]")
     if args.xy is not None and args.ids:
         raise CellsError("--ids selects cells of --cells; with --xy the cells are named after their coordinates")
+    check_input_file(args.slide, "SLIDE")
+    if args.cells is not None:
+        check_input_file(args.cells, "--cells")
+    if args.model is not None:
+        check_input_file(args.model, "--model")
+    check_output_dir(args.output, "--output")
 
-    model = load_model(args.model)
+    import json
+
+    import numpy as np
+
+    from nuclass_qupath._atomic import atomic_open
+    from nuclass_qupath.model.gradcam import explain_cells, panel_file_name, write_explanation_panel
+    from nuclass_qupath.model.io import load_model
+    from nuclass_qupath.slides import open_slide
+
+    # Unknown ids are reported before the model loads.
     if args.cells is not None:
         cells = select_cells(args.cells, args.ids)
         centroids_px, cell_ids = cells.centroids_px, list(cells.ids)
     else:
         centroids_px = np.array(args.xy, dtype=np.float64)
         cell_ids = None
+    model = load_model(args.model)
 
     with open_slide(args.slide, mpp=args.mpp) as slide:
         explanations = explain_cells(model, slide, centroids_px, cell_ids=cell_ids, target_class=args.target_class)

@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from nuclass_qupath.cli._args import check_input_file, check_output_dir
+
 OBJECT_TYPES = ("annotation", "detection", "cell", "tile", "tmaCore")
+
+
+# Every output file is written through nuclass_qupath._atomic.
+ATOMIC_OUTPUT = True
 
 
 def register(subparsers) -> None:
@@ -36,6 +42,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_input_file(args.project, "PROJECT")
+    check_output_dir(args.output_dir, "--output-dir")
+
     from nuclass_qupath.qupath.batch import UnknownImageError
     from nuclass_qupath.qupath.export import ExportedImage, export_project_geojson
 

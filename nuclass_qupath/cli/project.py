@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from nuclass_qupath.cli._args import check_input_file, check_output_dir, heatmap_um_type, mpp_type
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -34,7 +36,10 @@ def register(subparsers) -> None:
     )
 
     # How to classify
-    parser.add_argument("--heatmap-um", type=float, metavar="UM", help="also write heatmap tiles of this side in µm")
+    parser.add_argument(
+        "--heatmap-um", type=heatmap_um_type(), metavar="UM",
+        help="also write heatmap tiles of this side in µm (1 to 10000)",
+    )
     parser.add_argument("--model", type=Path, help="model .safetensors file (default: the bundled demonstration model)")
     parser.add_argument(
         "--resume", action="store_true", help="skip images that already have results of the same model id"
@@ -46,7 +51,7 @@ def register(subparsers) -> None:
         help="replace the image folder prefix OLD by NEW for images moved after the project was saved (repeatable)",
     )
     parser.add_argument(
-        "--mpp", type=float,
+        "--mpp", type=mpp_type(),
         help="pixel size in µm/px for images whose slide and project have none (never overrides a stored one)",
     )
     parser.add_argument(
@@ -66,14 +71,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nuclass_qupath.cli._progress import progress_callback
-    from nuclass_qupath.qupath.batch import (
-        ImageRunResult,
-        ProjectBatch,
-        ProjectRunRequest,
-        UnknownImageError,
-        parse_image_root,
-    )
+    from nuclass_qupath.qupath.batch import parse_image_root
+    from nuclass_qupath.qupath.results import default_results_dir
 
     remap = {}
     for value in args.image_root:
@@ -83,12 +82,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"nuclass-qupath project: error: --image-root: {exc}", file=sys.stderr)
             return 2
         remap[old] = new
-    if args.mpp is not None and not args.mpp > 0:
-        print(f"nuclass-qupath project: error: --mpp must be a positive number of µm/px, got {args.mpp}", file=sys.stderr)
-        return 2
-    if args.heatmap_um is not None and not args.heatmap_um > 0:
-        print(f"nuclass-qupath project: error: --heatmap-um must be positive, got {args.heatmap_um}", file=sys.stderr)
-        return 2
+    check_input_file(args.project, "PROJECT")
+    if args.model is not None:
+        check_input_file(args.model, "--model")
+    if args.output_dir is not None:
+        check_output_dir(args.output_dir, "--output-dir")
+    else:
+        check_output_dir(default_results_dir(args.project), "results folder (choose another with --output-dir)")
+
+    from nuclass_qupath.cli._progress import progress_callback
+    from nuclass_qupath.qupath.batch import ImageRunResult, ProjectBatch, ProjectRunRequest, UnknownImageError
 
     request = ProjectRunRequest(
         project_path=args.project,
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         arguments={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
     )
     try:
-        batch = ProjectBatch(request)
+        # The fallback reason is printed below, so the batch does not log it as well.
+        batch = ProjectBatch(request, log_fallback=False)
     except UnknownImageError as exc:
         print(f"nuclass-qupath project: error: {exc}", file=sys.stderr)
         return 2
@@ -122,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     classified = sum(r.status == "classified" for r in report.results)
     skipped = sum(r.status == "skipped" for r in report.results)
     summary = f"{len(report.results)} images: {classified} classified, {skipped} skipped, {report.n_failed} failed"
-    if report.backend == "files":
+    if classified == 0:
+        summary += "; no new results written"
+    elif report.backend == "files":
         summary += f"; results in {report.output_dir}"
     else:
         summary += "; results saved in the project"

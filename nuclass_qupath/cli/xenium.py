@@ -7,7 +7,13 @@ import json
 import logging
 from pathlib import Path
 
+from nuclass_qupath.cli._args import check_distinct_outputs, check_input_file, check_output_file, float_range, int_range, mpp_type
+
 logger = logging.getLogger(__name__)
+
+
+# Every output file is written through nuclass_qupath._atomic.
+ATOMIC_OUTPUT = True
 
 
 def register(subparsers) -> None:
@@ -31,21 +37,21 @@ def register(subparsers) -> None:
     labels.add_argument("--panel", type=Path, help="marker panel YAML (default: the bundled panel)")
     labels.add_argument("-o", "--output", type=Path, required=True, help="label table to write (.csv)")
     labels.add_argument("--summary", type=Path, help="summary JSON (default: OUTPUT with .summary.json)")
-    labels.add_argument("--mpp", type=float, help="slide pixel size in µm/px; overrides the slide's metadata")
+    labels.add_argument("--mpp", type=mpp_type(), help="slide pixel size in µm/px; overrides the slide's metadata")
     labels.add_argument(
-        "--min-transcripts", type=int, default=10, help="gene transcripts a cell needs to be typed (default 10)"
+        "--min-transcripts", type=int_range(0), default=10, help="gene transcripts a cell needs to be typed (default 10)"
     )
     labels.add_argument(
-        "--min-confidence", type=float, default=0.5, help="confidence (0-1) a label needs (default 0.5)"
+        "--min-confidence", type=float_range(0.0, 1.0), default=0.5, help="confidence (0-1) a label needs (default 0.5)"
     )
-    labels.add_argument("--qv-min", type=float, default=20.0, help="transcript quality cut when counting (default 20)")
-    labels.add_argument("--n-neighbors", type=int, default=15, help="expression neighbours per cell (default 15)")
+    labels.add_argument("--qv-min", type=float_range(0.0), default=20.0, help="transcript quality cut when counting (default 20)")
+    labels.add_argument("--n-neighbors", type=int_range(1), default=15, help="expression neighbours per cell (default 15)")
     labels.add_argument("--organ", action="append", dest="organs", help="use only the classes of this organ; repeatable")
     labels.add_argument("--leiden", action="store_true", help="type Leiden clusters instead of single cells")
-    labels.add_argument("--leiden-resolution", type=float, default=1.0, help="Leiden resolution (default 1.0)")
+    labels.add_argument("--leiden-resolution", type=float_range(0.0, min_inclusive=False), default=1.0, help="Leiden resolution (default 1.0)")
     labels.add_argument(
         "--max-off-slide",
-        type=float,
+        type=float_range(0.0, 1.0),
         default=0.01,
         help="largest share of cells allowed to map outside the slide before the alignment is rejected (default 0.01)",
     )
@@ -62,11 +68,25 @@ def register(subparsers) -> None:
         description="Read the Xenium output folder BUNDLE and print its files, cells, genes and controls as JSON.",
     )
     info.add_argument("bundle", type=Path, help="Xenium output folder (contains experiment.xenium)")
-    info.add_argument("--qv-min", type=float, default=20.0, help="transcript quality cut when counting (default 20)")
+    info.add_argument("--qv-min", type=float_range(0.0), default=20.0, help="transcript quality cut when counting (default 20)")
     info.set_defaults(func=run_info)
 
 
+def summary_path(args: argparse.Namespace) -> Path:
+    """Return ``--summary``, or by default OUTPUT with ``.summary.json`` in place of its suffix."""
+    return args.summary or args.output.with_name(args.output.stem + ".summary.json")
+
+
 def run_labels(args: argparse.Namespace) -> int:
+    check_input_file(args.bundle, "BUNDLE")
+    check_input_file(args.he, "--he")
+    check_input_file(args.alignment, "--alignment")
+    if args.panel is not None:
+        check_input_file(args.panel, "--panel")
+    check_output_file(args.output, "--output", (".csv",))
+    check_output_file(summary_path(args), "--summary", (".json",))
+    check_distinct_outputs({"--output": args.output, "--summary": summary_path(args)})
+
     from nuclass_qupath.slides import open_slide
     from nuclass_qupath.xenium import (
         check_registration,
@@ -113,7 +133,6 @@ def run_labels(args: argparse.Namespace) -> int:
         organs=args.organs,
     )
     result.write_csv(args.output)
-    summary_path = args.summary or args.output.with_name(args.output.stem + ".summary.json")
     extra = {
         "bundle": str(args.bundle),
         "slide": str(args.he),
@@ -130,7 +149,7 @@ def run_labels(args: argparse.Namespace) -> int:
         "registration": registration.as_dict() if registration else None,
         "labels": str(args.output),
     }
-    summary = result.write_summary(summary_path, extra)
+    summary = result.write_summary(summary_path(args), extra)
     counts = ", ".join(f"{name} {n}" for name, n in summary["cells_per_class"].items())
     print(f"{summary['n_labelled']} of {summary['n_cells']} cells labelled ({counts}) -> {args.output}")
     if summary["empty_classes"]:
@@ -139,6 +158,8 @@ def run_labels(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    check_input_file(args.bundle, "BUNDLE")
+
     from nuclass_qupath.xenium import read_xenium
 
     adata = read_xenium(args.bundle, qv_min=args.qv_min)

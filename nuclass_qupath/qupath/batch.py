@@ -163,7 +163,10 @@ class ProjectBatch:
     """A project opened for a batch run; use :meth:`run`, then :meth:`close` (or a ``with`` block).
 
     Opening selects the backend and the images, so that a wrong image name
-    or project path is reported before any model is loaded.
+    or project path is reported before any model is loaded. When ``auto``
+    falls back to the files backend, the reason is in :attr:`fallback_reason`
+    and is logged as a warning unless ``log_fallback`` is False (for callers
+    that show it themselves).
 
     Raises
     ------
@@ -174,10 +177,13 @@ class ProjectBatch:
         If a requested image name is not in the project; the message lists the names.
     """
 
-    def __init__(self, request: ProjectRunRequest) -> None:
+    def __init__(self, request: ProjectRunRequest, *, log_fallback: bool = True) -> None:
         if request.backend not in BACKENDS:
             raise ProjectError(f"backend must be one of {BACKENDS}, got {request.backend!r}")
         self.request = request
+        self._log_fallback = log_fallback
+        # Level for failed and skipped images; None means WARNING and INFO, set by run().
+        self._outcome_level: int | None = None
         self.output_dir = request.resolved_output_dir()
         self.fallback_reason: str | None = None
         self._backend = self._open_backend()
@@ -206,7 +212,9 @@ class ProjectBatch:
 
         ``progress_factory(total, description)`` returns a callback that takes
         a number of classified cells; ``on_result(index, total, result)`` is
-        called after each image, with ``index`` counted from 1.
+        called after each image, with ``index`` counted from 1. A caller that
+        passes ``on_result`` reports the outcomes, so failed and skipped
+        images are then logged at DEBUG level only.
 
         Raises
         ------
@@ -220,12 +228,13 @@ class ProjectBatch:
         classifier = SlideClassifier(model, EngineOptions(mode=self.request.mode))
         results = []
         written_names: set[str] = set()
+        self._outcome_level = logging.DEBUG if on_result is not None else None
         for index, image in enumerate(self.images, start=1):
             started = time.perf_counter()
             try:
                 result = self._run_image(image, classifier, written_names, progress_factory)
             except (NuclassError, OSError) as exc:
-                logger.warning("%s: failed: %s", image.name, exc)
+                logger.log(self._outcome_level or logging.WARNING, "%s: failed: %s", image.name, exc)
                 logger.debug("%s: failure details", image.name, exc_info=True)
                 result = ImageRunResult(image.name, "failed", message=str(exc))
             result.seconds = time.perf_counter() - started
@@ -243,7 +252,9 @@ class ProjectBatch:
         config = classifier.config
         backend = self._backend
         if request.resume and backend.is_done(image, config.model_id):
-            logger.info("%s: skipped, results of model %s exist", image.name, config.model_id)
+            logger.log(
+                self._outcome_level or logging.INFO, "%s: skipped, results of model %s exist", image.name, config.model_id
+            )
             return ImageRunResult(image.name, "skipped", message=f"already classified by model {config.model_id}")
         if backend.name == "files":
             # The import script finds results by image name, so two images may not share one file.
@@ -358,7 +369,7 @@ class ProjectBatch:
                 f"QuPath is not installed ({exc.__cause__}), so results are written to {self.output_dir} "
                 f"next to the project; import them in QuPath with {IMPORT_SCRIPT} (Run for project)"
             )
-            logger.warning("%s", self.fallback_reason)
+            logger.log(logging.WARNING if self._log_fallback else logging.DEBUG, "%s", self.fallback_reason)
             return _FilesBackend(request.project_path, remap, self.output_dir)
         return _PaquoBackend(session, self.output_dir)
 

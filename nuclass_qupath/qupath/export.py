@@ -117,7 +117,9 @@ def export_project_geojson(
         Passed to :class:`~nuclass_qupath.qupath.project_files.QuPathProjectFiles`;
         only the image paths shown in logs depend on it.
     on_image
-        Called with each :class:`ExportedImage` as soon as it is done.
+        Called with each :class:`ExportedImage` as soon as it is done. A
+        caller that passes it reports failures, so they are then logged at
+        DEBUG level only.
 
     Returns
     -------
@@ -156,7 +158,8 @@ def export_project_geojson(
             counts = export_image_geojson(entry, path, class_colors=class_colors, object_types=types, compress=compress)
             result = ExportedImage(entry.image_name, entry.entry_id, path, counts)
         except ProjectError as exc:
-            logger.warning("%s: export failed: %s", entry.image_name, exc)
+            level = logging.DEBUG if on_image is not None else logging.WARNING
+            logger.log(level, "%s: export failed: %s", entry.image_name, exc)
             result = ExportedImage(entry.image_name, entry.entry_id, None, error=str(exc))
         result.seconds = time.perf_counter() - started
         exported.append(result)
