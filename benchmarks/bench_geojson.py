@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def run_child(args: argparse.Namespace) -> None:
     elif args.child == "write":
         from nuclass_qupath.cells.geojson_write import GeoJSONWriter
 
-        options = {} if args.compresslevel is None else {"compresslevel": args.compresslevel}
+        options = {} if args.compresslevel is None else {"compresslevel": args.compresslevel}  # else GZIP_LEVEL
         with GeoJSONWriter(args.path, **options) as writer:
             for feature in iter_features(Path(args.templates), args.cells):
                 writer.write(feature)
@@ -224,7 +225,7 @@ def check_against_engine(templates: Path) -> int:
     return len(ours)
 
 
-def spawn(args: list[str]) -> dict:
+def spawn(args: list[str]) -> dict[str, Any]:
     """Run this script as a child with ``args`` and return its JSON figures."""
     result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     if result.returncode != 0:
@@ -271,6 +272,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         out = Path(tmp)
+        load_start = os.getloadavg()
         templates = out / "templates.npz"
         spawn(["--child", "templates", "--source", args.source, "--path", str(templates)])
         checked = spawn(["--child", "engine-check", "--templates", str(templates)])
@@ -288,6 +290,8 @@ def main() -> None:
             rows.append((label, path, figures))
 
         print_table(args.cells, rows)
+        print("load average (1, 5, 15 min) at the start: {:.2f} {:.2f} {:.2f}, at the end: {:.2f} {:.2f} {:.2f}".format(
+            *load_start, *os.getloadavg()))
         for label, path, _ in rows[1:]:
             first, last = first_and_last_feature(path)
             print(f"{label}: first id {first['id']}, last id {last['id']}, "
@@ -300,17 +304,21 @@ def main() -> None:
 
 
 def print_table(n_cells: int, rows: list) -> None:
+    """Print one row per run; the write columns subtract the baseline's time to build the features."""
     baseline = rows[0][2]
     header = (f"{'cells':>9} {'format':<16} {'wall s':>7} {'CPU s':>7} {'feat/s':>9} {'µs/feat':>8} "
-              f"{'write µs/feat':>13} {'peak RSS MB':>11} {'size MB':>8}")
+              f"{'write wall µs/feat':>18} {'write CPU µs/feat':>17} {'peak RSS MB':>11} {'size MB':>8}")
     print(header)
     print("-" * len(header))
     for label, path, figures in rows:
         per_feature_us = figures["wall_s"] / n_cells * 1e6
-        write_us = "" if path is None else f"{(figures['wall_s'] - baseline['wall_s']) / n_cells * 1e6:.1f}"
-        size = "" if path is None else f"{path.stat().st_size / 1e6:.1f}"
+        write_wall = write_cpu = size = ""
+        if path is not None:
+            write_wall = f"{(figures['wall_s'] - baseline['wall_s']) / n_cells * 1e6:.1f}"
+            write_cpu = f"{(figures['cpu_s'] - baseline['cpu_s']) / n_cells * 1e6:.1f}"
+            size = f"{path.stat().st_size / 1e6:.1f}"
         print(f"{n_cells:>9} {label:<16} {figures['wall_s']:>7.1f} {figures['cpu_s']:>7.1f} "
-              f"{n_cells / figures['wall_s']:>9.0f} {per_feature_us:>8.1f} {write_us:>13} "
+              f"{n_cells / figures['wall_s']:>9.0f} {per_feature_us:>8.1f} {write_wall:>18} {write_cpu:>17} "
               f"{figures['maxrss_kb'] / 1024:>11.0f} {size:>8}")
 
 

@@ -16,8 +16,10 @@ from nuclass_qupath.cells.geojson_read import (
 from nuclass_qupath.cells.geojson_stream import iter_geojson_features
 from nuclass_qupath.cells.geojson_write import (
     COORDINATE_DECIMALS,
+    GZIP_LEVEL,
     GeoJSONWriter,
     geometry_to_geojson,
+    polygons_to_geojson,
     prediction_feature,
     write_features,
 )
@@ -26,10 +28,12 @@ from nuclass_qupath.cells.points_csv import read_label_map, read_points_csv
 __all__ = [
     "CELL_OBJECT_TYPES",
     "COORDINATE_DECIMALS",
+    "GZIP_LEVEL",
     "GeoJSONWriter",
     "assign_unique_ids",
     "check_cells_in_image",
     "geometry_to_geojson",
+    "polygons_to_geojson",
     "iter_geojson_features",
     "prediction_feature",
     "read_cells_geojson",
