@@ -109,8 +109,9 @@ class RoundedCoordinates(list):
     numpy call per batch are not rounded again feature by feature. They also
     store their JSON text, formatted for the whole batch at once. Rings and
     positions are tuples, so only the outer list can change, and the writer
-    uses the text only while that list still contains the rings it was made
-    from.
+    uses the text only while that list still equals the rings it was made
+    from. An equal ring with int values, such as ``(5, 2)`` for ``(5.0, 2.0)``,
+    is therefore written as ``[5.0,2.0]``.
     """
 
     __slots__ = ("decimals", "_text", "_snapshot")
