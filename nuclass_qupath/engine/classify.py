@@ -92,12 +92,6 @@ class EngineOptions:
         Classify the cells of a core from their own crops when that reads
         fewer pixels than the core's region, as for a few cells at a tissue
         edge.
-    exact_crops
-        Crop placement in exact mode. ``grid`` starts each crop on the
-        encoders' stride grid, as the fast mode's regions do, so both modes
-        compute the same features. ``centred`` cuts the crop centred on the
-        cell, as :func:`read_centred` does for training crops; the cell then
-        sits at another offset from the feature grid than in fast mode.
     """
 
     mode: Literal["fast", "exact"] = "fast"
@@ -110,7 +104,6 @@ class EngineOptions:
     prefetch: bool = True
     threads: int | None = None
     sparse_crops: bool = True
-    exact_crops: Literal["grid", "centred"] = "grid"
 
 
 def cpu_supports_fast_bf16() -> bool:
@@ -198,19 +191,6 @@ def read_cell_crop(
     centre = np.asarray(centre_px, dtype=np.float64) / scale
     origin = align_px * np.floor((centre - window_px / 2.0 - margin_px) / align_px)
     image = slide.read_region_at_mpp(origin[0] * scale, origin[1] * scale, size, size, target_mpp)
-    return image, centre - origin
-
-
-def read_centred(slide, centre_px: np.ndarray, scale: float, target_mpp: float, size_px: int):
-    """Read a ``size_px`` square at ``target_mpp`` around one centre; return it and the centre in its pixels.
-
-    The square starts on a whole pixel of the grid anchored at the slide
-    origin, like every image the engine reads, but not on the stride grid.
-    Training crops are cut this way.
-    """
-    centre = np.asarray(centre_px, dtype=np.float64) / scale
-    origin = np.floor(centre - size_px / 2.0)
-    image = slide.read_region_at_mpp(origin[0] * scale, origin[1] * scale, size_px, size_px, target_mpp)
     return image, centre - origin
 
 
@@ -317,41 +297,51 @@ class _Path:
         self.crop_px = cell_crop_size(window_px, margin_px, align_px)
         self.region_reach_px = window_px / 2 + max(margin_px, REGION_EXTRA_PX)
 
-    def region_size(self, centres_level0: np.ndarray) -> np.ndarray:
-        _, size = covering_box(centres_level0 / self.scale, self.region_reach_px, self.align_px)
-        return size
+    def tile_box(self, tile_origin_level0: np.ndarray, tile_side_level0: float) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(origin, size)`` in this path's pixels of the region that serves every cell of a square tile.
 
-    def read_region(self, index: np.ndarray, centres_level0: np.ndarray) -> _Images:
+        The tile is given in level-0 pixels. The region holds the pooling
+        window and margin of any cell centred in the tile, starts on the
+        stride grid, and has the same size for every tile of that side, so
+        the encoder always sees one input shape. Varying shapes made the
+        TorchScript executor and oneDNN keep a compiled kernel set per shape,
+        and memory grew with the number of shapes seen.
+        """
+        start = np.asarray(tile_origin_level0, dtype=np.float64) / self.scale - self.region_reach_px
+        origin = self.align_px * np.floor(start / self.align_px)
+        side = round_up(tile_side_level0 / self.scale + 2 * self.region_reach_px + self.align_px, self.align_px)
+        return origin.astype(np.int64), np.array([side, side], dtype=np.int64)
+
+    def read_region(
+        self, index: np.ndarray, centres_level0: np.ndarray, box: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> _Images:
+        """Read one region for the cells: ``box`` (origin, size in this path's pixels), or the smallest covering one."""
         started = time.perf_counter()
         centres = centres_level0 / self.scale
-        origin, size = covering_box(centres, self.region_reach_px, self.align_px)
+        origin, size = box if box is not None else covering_box(centres, self.region_reach_px, self.align_px)
         image = self.slide.read_region_at_mpp(
             origin[0] * self.scale, origin[1] * self.scale, int(size[0]), int(size[1]), self.target_mpp
         )
         return _Images(index, image, centres - origin, True, time.perf_counter() - started)
 
-    def read_crops(self, index: np.ndarray, centres_level0: np.ndarray, centred: bool = False) -> _Images:
+    def read_crops(self, index: np.ndarray, centres_level0: np.ndarray) -> _Images:
+        """Read one stride-aligned crop per cell, as training crops are cut."""
         started = time.perf_counter()
         crops = np.empty((len(index), self.crop_px, self.crop_px, 3), dtype=np.uint8)
         positions = np.empty((len(index), 2), dtype=np.float64)
         for i, centre in enumerate(centres_level0):
-            if centred:
-                crops[i], positions[i] = read_centred(
-                    self.slide, centre, self.scale, self.target_mpp, self.window_px + 2 * self.margin_px
-                )
-            else:
-                crops[i], positions[i] = read_cell_crop(
-                    self.slide, centre, self.scale, self.target_mpp, self.window_px, self.margin_px, self.align_px
-                )
+            crops[i], positions[i] = read_cell_crop(
+                self.slide, centre, self.scale, self.target_mpp, self.window_px, self.margin_px, self.align_px
+            )
         return _Images(index, crops, positions, False, time.perf_counter() - started)
 
-    def read_cheaper(self, index: np.ndarray, centres_level0: np.ndarray, allow_crops: bool) -> _Images:
-        """Read one region for the cells, or their own crops when those hold fewer pixels."""
-        if allow_crops:
-            region_pixels = float(np.prod(self.region_size(centres_level0)))
-            if len(index) * self.crop_px**2 < region_pixels:
-                return self.read_crops(index, centres_level0)
-        return self.read_region(index, centres_level0)
+    def read_cheaper(
+        self, index: np.ndarray, centres_level0: np.ndarray, allow_crops: bool, box: tuple[np.ndarray, np.ndarray]
+    ) -> _Images:
+        """Read the region ``box`` for the cells, or their own crops when those hold fewer pixels."""
+        if allow_crops and len(index) * self.crop_px**2 < float(np.prod(box[1])):
+            return self.read_crops(index, centres_level0)
+        return self.read_region(index, centres_level0, box)
 
 
 # ---------------------------------------------------------------------------
@@ -366,8 +356,6 @@ class SlideClassifier:
         self.options = options or EngineOptions()
         if self.options.mode not in ("fast", "exact"):
             raise ValueError(f"mode must be 'fast' or 'exact', got {self.options.mode!r}")
-        if self.options.exact_crops not in ("grid", "centred"):
-            raise ValueError(f"exact_crops must be 'grid' or 'centred', got {self.options.exact_crops!r}")
         self.config = model.config
         self.precision = _resolve_precision(self.options.precision)
         if self.options.threads:
@@ -507,11 +495,22 @@ class SlideClassifier:
         plan = plan_regions(centroids / local.scale, opts.region_px, cores_per_group)
 
         # One read job per group context, then one per core of the group.
+        # Cores and groups are tiles of a grid anchored at the slide origin,
+        # in level-0 pixels.
+        # Tile origins are computed as plan_regions computes the grid keys, so
+        # a cell on a tile edge lands in the tile whose region serves it.
+        core_l0 = opts.region_px * local.scale
+        group_l0 = core_l0 * cores_per_group
+        group_px = opts.region_px * cores_per_group
         jobs: list[Callable[[], tuple[str, _Images]]] = []
         for group, cores in plan:
-            jobs.append(lambda g=group: ("global", context.read_cheaper(g, centroids[g], opts.sparse_crops)))
+            key = np.floor(centroids[group[0]] / local.scale / group_px)
+            box = context.tile_box(key * group_l0, group_l0)
+            jobs.append(lambda g=group, b=box: ("global", context.read_cheaper(g, centroids[g], opts.sparse_crops, b)))
             for core in cores:
-                jobs.append(lambda c=core: ("local", local.read_cheaper(c, centroids[c], opts.sparse_crops)))
+                key = np.floor(centroids[core[0]] / local.scale / opts.region_px)
+                box = local.tile_box(key * core_l0, core_l0)
+                jobs.append(lambda c=core, b=box: ("local", local.read_cheaper(c, centroids[c], opts.sparse_crops, b)))
         logger.info(
             "fast mode: %d cells in %d cores of %d px and %d context groups",
             len(cells), len(jobs) - len(plan), opts.region_px, len(plan),
@@ -538,13 +537,12 @@ class SlideClassifier:
 
     def _iter_exact(self, slide, cells: CellTable):
         local, context = self._paths(slide)
-        centred = self.options.exact_crops == "centred"
         centroids = cells.centroids_px
         step = max(1, self.options.batch_size)
         batches = [np.arange(start, min(start + step, len(cells))) for start in range(0, len(cells), step)]
 
         def read_batch(index: np.ndarray) -> tuple[_Images, _Images]:
-            return local.read_crops(index, centroids[index], centred), context.read_crops(index, centroids[index], centred)
+            return local.read_crops(index, centroids[index]), context.read_crops(index, centroids[index])
 
         jobs = [lambda i=index: read_batch(i) for index in batches]
         for (local_images, context_images), waited in _prefetched(jobs, self.options.prefetch):

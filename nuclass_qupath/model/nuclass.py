@@ -164,13 +164,15 @@ class NuClass(nn.Module):
         local_centres_px: torch.Tensor | None = None,
         context_centres_px: torch.Tensor | None = None,
     ) -> NuClassOutput:
-        """Classify one cell per image pair: uint8 (B, 3, H, W) images centred on the cells.
+        """Classify one cell per image pair: uint8 (B, 3, H, W) images that hold the cells' windows.
 
         ``local_images`` are ``local_crop_px`` squares at ``mpp`` plus
         ``local_margin_px`` on each side; ``context_images`` are
         ``context_encoder_px`` squares at ``context_mpp`` plus
         ``context_margin_px``. Each cell's windows are centred on
-        ``*_centres_px`` (B, 2), by default the image centres.
+        ``*_centres_px`` (B, 2), by default the image centres; training and
+        the engine pass the cell's position in a crop that starts on the
+        encoder's stride grid.
         """
         cfg = self.config
         n = local_images.shape[0]
