@@ -20,7 +20,7 @@ from PIL import Image
 
 from nuclass_qupath.model import ClassSpec, ModelConfig, NuClass, nuclass_loss
 from nuclass_qupath.model.backbones import load_imagenet_weights
-from nuclass_qupath.model.nuclass import centred_boxes, image_centres
+from nuclass_qupath.model.nuclass import centred_boxes
 
 NUCLS_MPP = 0.5
 # Tiles of the NuCLS training split (sorted by name): the tiny model learns
@@ -98,8 +98,11 @@ def train_tiny_model(config: ModelConfig, crops, *, steps: int = 80, seed: int =
     local = torch.from_numpy(crops.local).permute(0, 3, 1, 2)
     context = torch.from_numpy(crops.context).permute(0, 3, 1, 2)
     index = torch.arange(len(crops), dtype=torch.float32)
-    local_boxes = centred_boxes(index, image_centres(len(crops), local.shape[-1]), config.local_crop_px)
-    context_boxes = centred_boxes(index, image_centres(len(crops), context.shape[-1]), config.context_encoder_px)
+    # Pool at each cell's position in its stride-aligned crop, as training does.
+    local_boxes = centred_boxes(index, torch.from_numpy(crops.local_centres_px).float(), config.local_crop_px)
+    context_boxes = centred_boxes(
+        index, torch.from_numpy(crops.context_centres_px).float(), config.context_encoder_px
+    )
     with torch.no_grad():
         pooled_local = model.local_pool(
             model.local_encoder(model.normalize(local)), local_boxes, model.local_encoder.stride
