@@ -238,6 +238,20 @@ def test_engine_rejects_unknown_mode(small_model):
         SlideClassifier(small_model, EngineOptions(mode="quick"))
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("region_px", 0), ("context_region_px", -1024), ("batch_size", 0), ("batch_size", 2.5), ("threads", 0)],
+)
+def test_engine_options_reject_invalid_sizes(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a positive whole number"):
+        EngineOptions(**{field: value})
+
+
+def test_engine_options_reject_unknown_precision():
+    with pytest.raises(ValueError, match="precision must be 'auto', 'fp32' or 'bf16'"):
+        EngineOptions(precision="fp16")
+
+
 # ---------------------------------------------------------------------------
 # Encoder graph
 

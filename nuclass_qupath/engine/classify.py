@@ -105,6 +105,18 @@ class EngineOptions:
     threads: int | None = None
     sparse_crops: bool = True
 
+    def __post_init__(self) -> None:
+        if self.mode not in ("fast", "exact"):
+            raise ValueError(f"mode must be 'fast' or 'exact', got {self.mode!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        for name in ("region_px", "context_region_px", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive whole number or None, got {self.threads!r}")
+
 
 def cpu_supports_fast_bf16() -> bool:
     """Return whether the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
@@ -354,8 +366,6 @@ class SlideClassifier:
     def __init__(self, model: NuClass, options: EngineOptions | None = None) -> None:
         self.model = model.eval()
         self.options = options or EngineOptions()
-        if self.options.mode not in ("fast", "exact"):
-            raise ValueError(f"mode must be 'fast' or 'exact', got {self.options.mode!r}")
         self.config = model.config
         self.precision = _resolve_precision(self.options.precision)
         if self.options.threads:
