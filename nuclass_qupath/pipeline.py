@@ -145,7 +145,7 @@ def classify_file(
             timings[f"classify_{key}"] = value
 
         counts = class_counts(predictions)
-        metadata = _run_metadata(request, slide, model.config, len(cells), cell_source, counts, options)
+        metadata = _run_metadata(request, slide, model.config, len(cells), cell_source, counts, classifier)
 
         t = time.perf_counter()
         outputs = [request.output_path, request.resolved_metadata_path()]
@@ -183,7 +183,7 @@ def classify_file(
     return ClassifyResult(len(cells), counts, timings, outputs, metadata)
 
 
-def _run_metadata(request, slide, config, n_cells, cell_source, counts, options) -> dict[str, Any]:
+def _run_metadata(request, slide, config, n_cells, cell_source, counts, classifier) -> dict[str, Any]:
     return {
         "tool": "nuclass-qupath",
         "version": __version__,
@@ -209,9 +209,10 @@ def _run_metadata(request, slide, config, n_cells, cell_source, counts, options)
         },
         "cells": {"count": n_cells, "source": cell_source},
         "engine": {
-            "mode": options.mode,
-            "region_px": options.region_px,
-            "precision": options.precision,
+            "mode": classifier.options.mode,
+            "region_px": classifier.options.region_px,
+            # What ran: "auto" resolves to bf16 or fp32 when the classifier is built.
+            "precision": classifier.precision,
             "low_memory": request.low_memory,
         },
         "class_counts": counts,
@@ -352,7 +353,7 @@ def _classify_streaming(request: ClassifyRequest, slide, model, options, timings
                 timings[f"classify_{key}"] = value
 
             counts = totals.class_counts()
-            metadata = _run_metadata(request, slide, config, totals.n_cells, cell_source, counts, options)
+            metadata = _run_metadata(request, slide, config, totals.n_cells, cell_source, counts, classifier)
             t = time.perf_counter()
             if keep:
                 cells, predictions = totals.table()

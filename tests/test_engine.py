@@ -358,6 +358,8 @@ def test_low_memory_job_matches_table_job(tmp_path, cmu1_path, shared_data, smal
     assert streamed[1] == table[1]
     assert streamed[0].metadata["engine"]["low_memory"] is True
     assert table[0].metadata["engine"]["low_memory"] is False
+    # The metadata records the precision that ran, never the request "auto".
+    assert table[0].metadata["engine"]["precision"] in ("fp32", "bf16")
 
 
 def test_bf16_is_checked_against_fp32(cmu1_path, cmu1_qupath_cells, small_model):
