@@ -51,7 +51,7 @@ class ClassifyRequest:
     mode: str = "fast"
     region_px: int = 1536
     threads: int | None = None
-    precision: str = "auto"
+    precision: str = "fp32"
     heatmap_tile_um: float | None = None
     low_memory: bool = False
     arguments: dict[str, Any] = field(default_factory=dict)  # recorded in the run metadata
