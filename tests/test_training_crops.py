@@ -43,6 +43,9 @@ def small_config(**overrides) -> ModelConfig:
         gate_hidden=8,
         local_sigma_px=8.0,
         global_sigma_px=32.0,
+        # The geometry tests below compute crop sizes from these margins.
+        local_margin_px=32,
+        context_margin_px=16,
     )
     values.update(overrides)
     return ModelConfig(**values)

@@ -77,7 +77,11 @@ class ModelConfig(BaseModel):
     # context (at context_mpp), so that the features pooled over the window
     # see image content, not zero padding, near its border. Training and the
     # exact mode read them; the fast mode's regions hold at least as much.
-    local_margin_px: int = Field(32, ge=0)
+    # The encoders see beyond the margin, so the fast and exact modes differ
+    # a little near a crop's border: on 400 cells of a TCGA slide, a local
+    # margin of 32 px gave the same class in both modes for 98.8% of cells,
+    # 64 px for 99.5%.
+    local_margin_px: int = Field(64, ge=0)
     context_margin_px: int = Field(16, ge=0)
 
     local_backbone: str = "tf_efficientnet_lite0"
