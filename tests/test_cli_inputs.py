@@ -490,6 +490,28 @@ def test_interrupt_exits_130_and_keeps_finished_files(
     assert json.loads(written.read_text(encoding="utf-8"))["type"] == "FeatureCollection"
 
 
+def test_write_error_exits_1_without_traceback(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import nuclass_qupath.qupath.export as export
+
+    def disk_full(entry, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(export, "export_image_geojson", disk_full)
+    out_dir = tmp_path / "out"
+
+    status, _, err = run_cli(["export-geojson", shared_data / "qupath" / "mixed_objects", "-o", out_dir])
+
+    assert status == 1
+    [line] = error_lines(err)
+    assert line.startswith("nuclass-qupath export-geojson: error: No space left on device: ")
+    assert "free space or choose another output folder" in line
+    assert "Traceback" not in err
+
+
 # Command modules ---------------------------------------------------------------------
 
 

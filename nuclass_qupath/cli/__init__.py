@@ -92,6 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("command failed", exc_info=True)
         print(f"nuclass-qupath {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # A full disk or a folder that rejects writes is not a bug to show a
+        # traceback for. Outputs are written to a temporary file and renamed,
+        # so nothing half-written is left behind.
+        logger.debug("command failed", exc_info=True)
+        where = f": {exc.filename}" if exc.filename else ""
+        reason = exc.strerror or str(exc)
+        print(
+            f"nuclass-qupath {args.command}: error: {reason}{where}; free space or choose another output folder "
+            "(--log-level DEBUG shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         logger.debug("interrupted", exc_info=True)
         print(f"nuclass-qupath {args.command}: {interrupt_message(args.func)}", file=sys.stderr)

@@ -61,9 +61,9 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--precision", choices=["auto", "fp32", "bf16"], default="fp32",
         help=(
-            "fp32 (default) gives the model's reference results; bf16 autocast runs about twice as fast on CPUs "
-            "with native bf16 instructions (AVX512-BF16 or AMX) but can change the class of near-tie cells; "
-            "auto uses bf16 only on such CPUs"
+            "fp32 (default) gives the model's reference results. bf16 autocast runs up to twice as fast on CPUs "
+            "with native bf16 instructions (AVX512-BF16 or AMX), but with the bundled model it changed the class "
+            "of 66 of 3802 CMU-1 cells (1.7%%) and probabilities by up to 0.26. auto uses bf16 only on such CPUs"
         ),
     )
     parser.add_argument(
