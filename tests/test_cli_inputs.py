@@ -181,6 +181,18 @@ def test_classify_same_output_and_metadata(cmu1_path: Path, tmp_path: Path) -> N
     assert f"--output and --metadata both write {target}; give them different file names" in err
 
 
+def test_classify_output_naming_cells_input_exits_1(cmu1_path: Path, tmp_path: Path) -> None:
+    cells = tmp_path / "cells.geojson"
+    original = '{"type": "FeatureCollection", "features": []}'
+    cells.write_text(original, encoding="utf-8")
+
+    status, _, err = run_cli(["classify", cmu1_path, "--cells", cells, "-o", tmp_path / "." / "cells.geojson"])
+
+    assert status == 1
+    assert f"--output would overwrite the --cells file {cells}; write to another file name" in err
+    assert cells.read_text(encoding="utf-8") == original
+
+
 def test_classify_path_checks_skip_heavy_imports(cmu1_path: Path, tmp_path: Path) -> None:
     status, err, heavy, seconds = run_cli_process(["classify", cmu1_path, "-o", tmp_path])
 

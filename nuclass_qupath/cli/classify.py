@@ -9,6 +9,7 @@ from nuclass_qupath.cli._args import (
     GEOJSON_SUFFIXES,
     REGION_PX_MAX,
     REGION_PX_MIN,
+    OutputPathError,
     check_distinct_outputs,
     check_input_file,
     check_output_file,
@@ -89,7 +90,8 @@ def check_paths(args: argparse.Namespace, metadata_path: Path) -> None:
         If the slide, ``--cells`` or ``--model`` file does not exist.
     OutputPathError
         If an output has the wrong suffix, is a folder, lies in a folder that
-        cannot be written, or two outputs name the same file.
+        cannot be written, two outputs name the same file, or an output
+        names an input file.
     """
     check_input_file(args.slide, "SLIDE")
     if args.cells is not None:
@@ -100,7 +102,17 @@ def check_paths(args: argparse.Namespace, metadata_path: Path) -> None:
     check_output_file(metadata_path, "--metadata", (".json",))
     if args.preview is not None:
         check_output_file(args.preview, "--preview", (".png",))
-    check_distinct_outputs({"--output": args.output, "--metadata": metadata_path, "--preview": args.preview})
+    outputs = {"--output": args.output, "--metadata": metadata_path, "--preview": args.preview}
+    check_distinct_outputs(outputs)
+    inputs = {"SLIDE": args.slide, "--cells": args.cells, "--model": args.model}
+    for input_name, input_path in inputs.items():
+        if input_path is None:
+            continue
+        for output_name, output_path in outputs.items():
+            if output_path is not None and output_path.resolve() == input_path.resolve():
+                raise OutputPathError(
+                    f"{output_name} would overwrite the {input_name} file {input_path}; write to another file name"
+                )
 
 
 def run(args: argparse.Namespace) -> int:
