@@ -143,10 +143,9 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager:
 
 
 def _resolve_precision(precision: str) -> str:
+    # EngineOptions has already rejected any other value.
     if precision == "auto":
         return "bf16" if cpu_supports_fast_bf16() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     return precision
 
 
@@ -212,7 +211,7 @@ def read_cell_crop(
 
 
 def covering_box(centres: np.ndarray, reach_px: float, align_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(origin, size)`` of the stride-aligned box that holds every centre with ``reach_px`` around it.
+    """Return ``(origin, size)`` of the stride-aligned box that contains every centre with ``reach_px`` around it.
 
     ``centres`` are (N, 2) in output pixels of one resolution; origin and size
     are whole multiples of ``align_px`` in the same pixels.
@@ -334,7 +333,7 @@ class _Path:
         return covering_box(centres_level0 / self.scale, self.region_reach_px, self.align_px)
 
     def read_region(self, index: np.ndarray, centres_level0: np.ndarray) -> _Images:
-        """Read the smallest stride-aligned region that holds the windows and margins of the cells."""
+        """Read the smallest stride-aligned region that contains the windows and margins of the cells."""
         started = time.perf_counter()
         centres = centres_level0 / self.scale
         origin, size = self.region_box(centres_level0)
@@ -537,8 +536,9 @@ class SlideClassifier:
             rows = torch.from_numpy(np.searchsorted(group_index, images.index))
             output = self._combine(local_feats, group_feats[rows], stage_s)
             # Regions differ in size, and glibc keeps the freed activations
-            # of each size as heap fragments; a 114k-cell slide then peaked
-            # at 3.9 GB instead of 1.9 GB.
+            # of each size as heap fragments. Without this, an encoder run on
+            # 30 region sizes grew from 1.0 to 2.0 GB resident, and with it
+            # stayed at 0.9 GB.
             release_free_memory()
             yield images.index, output, stage_s
             stage_s = dict.fromkeys(STAGES[:-1], 0.0)

@@ -101,10 +101,10 @@ def _name(encoder: nn.Module) -> str:
 
 # Largest difference in any class probability allowed between bf16 autocast
 # and fp32 on the check input. bf16 keeps 8 bits of mantissa, which moved the
-# bundled model's probabilities by 0.012 on the check input; more means a
-# layer does not tolerate it. On real tissue the differences are larger (up to
-# 0.29 over the 3896 cells of CMU-1), so passing the check does not mean bf16
-# gives the same classes as fp32.
+# bundled model's probabilities by 0.012 on the check input. More than the
+# tolerance means a layer does not tolerate bf16. On real tissue the
+# differences are larger (up to 0.29 over the 3896 cells of CMU-1), so passing
+# the check does not mean bf16 gives the same classes as fp32.
 BF16_TOLERANCE = 0.05
 
 
